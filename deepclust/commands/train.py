@@ -1,0 +1,9 @@
+"""`deepclust train` (not built yet: owned by the issue that adds it)."""
+
+import typer
+
+
+def command() -> None:
+    """Not available yet."""
+    typer.echo("deepclust train: not implemented yet", err=True)
+    raise typer.Exit(2)
