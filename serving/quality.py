@@ -122,9 +122,7 @@ def evaluate_clustering(y_true: np.ndarray, y_pred: np.ndarray) -> ClusteringRep
         ari=adjusted_rand_index(y_true, y_pred),
         n=int(table.sum()),
         cluster_sizes={int(c): int(s) for c, s in zip(clusters, sizes, strict=True)},
-        cluster_purity={
-            int(c): float(table[i].max() / sizes[i]) if sizes[i] else 0.0 for i, c in enumerate(clusters)
-        },
+        cluster_purity={int(c): float(table[i].max() / sizes[i]) if sizes[i] else 0.0 for i, c in enumerate(clusters)},
         mapping=hungarian_map(y_true, y_pred),
         confusion=table.tolist(),
     )

@@ -29,6 +29,9 @@ class DataConfig(_Strict):
     eval_subset: int | None = Field(None, ge=2)
     augment_strength: float = Field(0.5, ge=0.0, le=1.0)
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0)
+    augment_on: Literal["loader", "device"] = Field(
+        "loader", description="per-image PIL augmentation in DataLoader workers, or batched on the training device"
+    )
 
 
 class ModelConfig(_Strict):

@@ -122,6 +122,8 @@ class Trainer:
             config.run.seed + 1,
         )
         self.cached = config.model.cached_features
+        self.device_augment = config.data.augment_on == "device" and not self.cached
+        self.batch_views = [v.to(self.device) for v in self.method.batch_views()] if self.device_augment else []
         self._cached_eval: np.ndarray | None = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
@@ -173,6 +175,8 @@ class Trainer:
             views = ["clean", *(f"aug{i}" for i in range(self.config.model.feature_views))]
             passes = self.cached_passes(self.train_set, self.config.data.train_split, views)
             return CachedFeatureViews(passes, self.train_set.labels)  # type: ignore[attr-defined]
+        if self.device_augment:
+            return MultiView(self.train_set, [eval_transform(self.config.data.image_size)])
         return MultiView(self.train_set, self.method.train_views())
 
     def loader(self, dataset: Dataset, epoch: int, shuffle: bool = True, batch_size: int | None = None) -> DataLoader:
@@ -242,6 +246,8 @@ class Trainer:
         )
         for *views, labels, indices in bar:
             views = [v.to(self.device, non_blocking=True) for v in views]
+            if self.device_augment:
+                views = [augment(views[0]) for augment in self.batch_views]
             with self.autocast():
                 batch = Batch([self.encode(v) for v in views], indices.to(self.device), labels)
                 losses = self.method.loss(self.model, batch)
@@ -253,7 +259,7 @@ class Trainer:
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
             steps += 1
-            bar.set_postfix(loss=f"{float(losses['loss']):.3f}")
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
             if steps >= self.steps_per_epoch:
                 break
         return {key: round(value / max(steps, 1), 5) for key, value in totals.items()}

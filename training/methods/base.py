@@ -38,6 +38,13 @@ class Method:
         augment = cc_augment(size, self.config.data.augment_strength, self.config.data.min_crop_scale)
         return [augment, augment]
 
+    def batch_views(self) -> list[torch.nn.Module]:
+        """The same recipe applied to whole batches on the training device (`data.augment_on=device`)."""
+        from training.data.batch_augment import BatchAugment
+
+        d = self.config.data
+        return [BatchAugment(d.image_size, d.augment_strength, d.min_crop_scale) for _ in range(2)]
+
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
         """Return a dict with at least `loss` (the scalar to minimise); other entries are logged."""
         raise NotImplementedError

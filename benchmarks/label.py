@@ -1,0 +1,126 @@
+"""Labeller throughput end to end (walk + read + hash + decode + resize + infer + write) vs the bare engine on
+pre-decoded arrays, in the same run with the same model, on the CIFAR-10 test folder (10,000 JPEGs).
+
+    .venv/bin/python benchmarks/label.py [--model model_store/cifar10-lite0] [--workers 1] [--threads 0]
+
+Target: labeller >= 0.9x bare engine. Writes `benchmarks/results/label.json`:
+`{labeller_images_per_s, engine_images_per_s, ratio, peak_rss_mb, worker_peak_rss_mb, images, errors, ...,
+commit, machine}`. `peak_rss_mb` is the labeller's main process (engine + batches + state) measured before the
+bare-engine part allocates its pre-decoded arrays; `worker_peak_rss_mb` is the largest decode worker.
+The bare engine runs `--engine-images` pre-decoded images (default 2,000, i.e. 150 MB at 160 px) repeated to the
+same count as the labeller: its speed does not depend on the pixels, and 10,000 decoded images would be 770 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+
+
+def cifar_test_dir() -> Path:
+    """The CIFAR-10 test JPEGs, extracted once into the cache (same place and marker as the test fixture)."""
+    cache = Path(os.environ.get("DEEPCLUST_CACHE") or Path.home() / ".cache" / "deepclust") / "data" / "cifar10"
+    if (cache / ".test.complete").exists() and (cache / "test").is_dir():
+        return cache / "test"
+    data = Path(os.environ.get("DEEPCLUST_DATA") or ROOT.parent / "shared" / "data")
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".test-", dir=cache))
+    try:
+        with tarfile.open(data / "cifar10" / "test.tar") as tar:
+            tar.extractall(staging, filter="data")
+        if not (cache / "test").exists():
+            (staging / "test").rename(cache / "test")
+        (cache / ".test.complete").touch()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache / "test"
+
+
+def peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def bench_engine(engine, folder: Path, n_decoded: int, n_total: int, batch: int) -> float:
+    from serving.batch import walk_images
+    from serving.preprocess import load_image
+
+    paths = list(walk_images(folder))
+    step = max(1, len(paths) // n_decoded)
+    arrays = np.stack([load_image((folder / p).read_bytes(), engine.input_size) for p in paths[::step][:n_decoded]])
+    engine.run(arrays[:batch])  # warm
+    done, started = 0, time.perf_counter()
+    while done < n_total:
+        for start in range(0, len(arrays), batch):
+            chunk = arrays[start : start + batch][: n_total - done]
+            if len(chunk) == 0:
+                break
+            engine.run(chunk)
+            done += len(chunk)
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0")
+    parser.add_argument("--folder", type=Path, default=None, help="default: the extracted CIFAR-10 test folder")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--engine-images", type=int, default=2000)
+    args = parser.parse_args()
+
+    from serving.batch import Shard
+    from serving.engine import Engine
+    from serving.labeller import LabelConfig, Labeller, resolve_model_file
+
+    folder = args.folder or cifar_test_dir()
+    model_file = resolve_model_file(args.model, args.precision)
+    with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
+        config = LabelConfig(
+            root=folder, model=args.model, output=Path(tmp) / "labels.jsonl", workers=args.workers,
+            batch_size=args.batch_size, threads=args.threads, precision=args.precision, shard=Shard(),
+            progress="none",
+        )
+        started = time.perf_counter()
+        summary = Labeller(config).run()
+        wall = time.perf_counter() - started
+    labeller_rss = peak_rss_mb(resource.RUSAGE_SELF)
+    worker_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
+    images = summary.labelled + summary.new_errors
+
+    engine = Engine(model_file, intra_op_threads=args.threads, max_batch=args.batch_size)
+    engine_ips = bench_engine(engine, folder, args.engine_images, images, args.batch_size)
+
+    row = {
+        "model": str(args.model.name), "precision": args.precision, "input_size": engine.input_size,
+        "workers": args.workers, "threads": args.threads or os.cpu_count(), "batch_size": args.batch_size,
+        "labeller_images_per_s": round(summary.images_per_s, 1),
+        "engine_images_per_s": round(engine_ips, 1),
+        "ratio": round(summary.images_per_s / engine_ips, 3),
+        "labeller_wall_s": round(wall, 2),
+        "peak_rss_mb": round(labeller_rss, 1), "worker_peak_rss_mb": round(worker_rss, 1),
+        "images": images, "errors": summary.errors, **provenance(),
+    }
+    path = write_rows("label", [row], merge_on=("model", "precision", "workers", "threads", "batch_size"))
+    print_table([row], ["model", "workers", "threads", "labeller_images_per_s", "engine_images_per_s", "ratio",
+                        "peak_rss_mb", "images", "errors"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Load test: the service vs the bare engine vs a plain torch-eager TorchServe handler, on real CIFAR-10 JPEGs.
+
+Closed-loop clients on loopback (TCP_NODELAY, keep-alive, one raw image per request) for a bounded time per level.
+The engine rows run decode + resize + onnxruntime in-process on batches of the same images (`concurrency` is then
+the batch size): the ceiling the service should approach. Target: service >= 0.8 x the engine's best images/s, 0 errors.
+
+    .venv/bin/python benchmarks/serve_load.py                   # default model, a few minutes
+    .venv/bin/python benchmarks/serve_load.py --seconds 5 --concurrency 1 8
+Writes benchmarks/results/serve_load.json (rows: target, concurrency, images_per_s, p50_ms, p99_ms, errors, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # fair torch-eager baseline (NOTES.md); harmless for the rest
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "100000000000")
+
+from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+from serving.client import Client  # noqa: E402
+from serving.engine import Engine  # noqa: E402
+from serving.preprocess import load_image  # noqa: E402
+from serving.server import ServeConfig, TorchServeHost  # noqa: E402
+
+
+def load_images(n: int) -> list[bytes]:
+    data = Path(os.environ.get("DEEPCLUST_DATA", ROOT.parent / "shared" / "data")) / "cifar10" / "test.tar"
+    images = []
+    with tarfile.open(data) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                images.append(tar.extractfile(member).read())
+                if len(images) >= n:
+                    break
+    return images
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def summarise(target, concurrency, latencies, images, errors, seconds, **extra):
+    lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "target": target,
+        "concurrency": concurrency,
+        "images_per_s": round(images / seconds, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "errors": errors,
+        **extra,
+        **provenance(),
+    }
+
+
+def bench_engine(model_file: Path, images: list[bytes], batches: list[int], seconds: float) -> list[dict]:
+    engine = Engine(model_file, max_batch=max(batches))
+    rows = []
+    for batch in batches:
+        latencies, done, n = [], 0, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            chunk = [images[(n + i) % len(images)] for i in range(batch)]
+            engine.run(np.stack([load_image(b, engine.input_size) for b in chunk]))
+            latencies.append(time.perf_counter() - t)
+            done += batch
+            n += batch
+        rows.append(
+            summarise(
+                "engine",
+                batch,
+                latencies,
+                done,
+                0,
+                time.perf_counter() - start,
+                note="in-process decode+resize+run, concurrency = batch size",
+            )
+        )
+    return rows
+
+
+def run_level(host: TorchServeHost, token, images, concurrency: int, seconds: float):
+    """`concurrency` closed-loop clients for `seconds`: (latencies, good images, errors, elapsed)."""
+    latencies: list[float] = []
+    counters = {"images": 0, "errors": 0}
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def worker(offset: int) -> None:
+        local, ok, bad, i = [], 0, 0, offset
+        with Client(host.config.base_url, host.config.model_name, token=token) as client:
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                try:
+                    status, body = client.post(images[i % len(images)], "application/octet-stream")
+                    good = status == 200 and isinstance(body, list) and "cluster" in body[0]
+                except OSError:
+                    good = False
+                local.append(time.perf_counter() - t)
+                ok, bad, i = ok + good, bad + (not good), i + concurrency
+        with lock:
+            latencies.extend(local)
+            counters["images"] += ok
+            counters["errors"] += bad
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, counters["images"], counters["errors"], time.perf_counter() - start
+
+
+def bench_http(target, host: TorchServeHost, images, levels, seconds) -> list[dict]:
+    rows = []
+    token = host.inference_token()
+    run_level(host, token, images, max(levels), min(3.0, seconds))  # warm-up, not recorded
+    for concurrency in levels:
+        latencies, good, errors, elapsed = run_level(host, token, images, concurrency, seconds)
+        rows.append(summarise(target, concurrency, latencies, good, errors, elapsed))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "model_store" / "cifar10-lite0"))
+    parser.add_argument("--variant", default="fp32")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=32, help="TorchServe server-side batch")
+    parser.add_argument("--max-batch-delay-ms", type=int, default=5)
+    parser.add_argument("--skip-eager", action="store_true")
+    args = parser.parse_args()
+
+    images = load_images(args.images)
+    cache = Path(tempfile.mkdtemp(prefix="serve-load-"))
+
+    def config():
+        return ServeConfig(
+            model=args.model,
+            variant=args.variant,
+            port=_free_port(),
+            metrics_port=_free_port(),
+            torchserve_metrics_port=_free_port(),
+            cache_dir=cache,
+            batch_size=args.batch_size,
+            max_batch_delay_ms=args.max_batch_delay_ms,
+            startup_timeout_s=300,
+        )
+
+    rows = []
+    first = config()
+    rows += bench_engine(first.model_file, images, args.batches, args.seconds)
+    with TorchServeHost(first) as host:
+        rows += bench_http("service", host, images, args.concurrency, args.seconds)
+    if not args.skip_eager:
+        with TorchServeHost(config(), handler=ROOT / "benchmarks" / "eager_handler.py") as host:
+            rows += bench_http("eager_handler", host, images, args.concurrency, args.seconds)
+    for row in rows:
+        row.update(model=Path(args.model).name, variant=args.variant, server_batch=args.batch_size)
+    path = write_rows("serve_load", rows)
+    print_table(rows, ["target", "concurrency", "images_per_s", "p50_ms", "p99_ms", "errors"])
+    best_engine = max(r["images_per_s"] for r in rows if r["target"] == "engine")
+    best_service = max((r["images_per_s"] for r in rows if r["target"] == "service"), default=0)
+    print(f"service/engine = {best_service / best_engine:.2f} (target >= 0.8); results: {path}")
+
+
+if __name__ == "__main__":
+    main()

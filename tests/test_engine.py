@@ -1,0 +1,112 @@
+"""serving.engine on the tiny contract model (fast) and on the real default model (when exported)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from serving.engine import Engine, EngineOutput, ModelMetadata, assign, resolve_providers
+from serving.preprocess import load_image
+from serving.schemas import ModelCard
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return Engine(tiny_model_dir / "model.onnx", max_batch=4)
+
+
+def test_metadata_and_provider(tiny_engine):
+    assert tiny_engine.k == 10 and tiny_engine.input_size == 32
+    assert tiny_engine.metadata.method == "tiny"
+    assert tiny_engine.metadata.class_names[3] == "cat"
+    assert tiny_engine.metadata.reference["cluster_hist"] == [0.1] * 10
+    # onnxruntime-gpu lists CUDA/TensorRT here but cannot run them: the engine reports what really runs
+    assert tiny_engine.provider == tiny_engine.session.get_providers()[0]
+    assert tiny_engine.provider in ort.get_available_providers()
+
+
+def test_gpu_preference_falls_back_quietly(tiny_model_dir, capfd):
+    engine = Engine(tiny_model_dir / "model.onnx", providers=("tensorrt", "cuda", "cpu"), warmup=False)
+    out, err = capfd.readouterr()
+    if "CUDAExecutionProvider" not in engine.session.get_providers():
+        assert engine.provider == "CPUExecutionProvider"
+        assert "EP Error" not in out + err
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    assert resolve_providers(["nonexistent"])[-1] == "CPUExecutionProvider"
+
+
+def test_run_splits_big_batches_identically(tiny_engine):
+    images = np.random.default_rng(1).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    chunked = tiny_engine.run(images)  # max_batch=4 → 3 chunks
+    whole = Engine(tiny_engine.model_path, max_batch=64, warmup=False).run(images)
+    assert chunked.probabilities.shape == (11, 10) and chunked.probabilities.dtype == np.float32
+    assert chunked.cluster.dtype == np.int64 and chunked.embedding.shape == (11, 16)
+    np.testing.assert_allclose(chunked.probabilities, whole.probabilities, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(chunked.cluster, whole.cluster)
+    np.testing.assert_allclose(chunked.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.array_equal(chunked.cluster, chunked.probabilities.argmax(axis=1))
+
+
+def test_run_rejects_wrong_input(tiny_engine):
+    with pytest.raises(ValueError):
+        tiny_engine.run(np.zeros((1, 31, 32, 3), np.uint8))
+    with pytest.raises(ValueError):
+        tiny_engine.run(np.zeros((1, 32, 32, 3), np.float32))
+    empty = tiny_engine.run(np.zeros((0, 32, 32, 3), np.uint8))
+    assert empty.cluster.shape == (0,)
+
+
+def test_assign_confidence_label_topk():
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
+    out = EngineOutput(probs, np.array([1, 0]), np.zeros((2, 4), np.float32))
+    results = assign(out, ["a", "b", "c"], top_k=2)
+    assert [r.cluster for r in results] == [1, 0]
+    assert results[0].confidence == pytest.approx(0.7) and results[0].label == "b"
+    assert [t.cluster for t in results[1].top_k] == [0, 2]
+    assert assign(out, None)[0].label is None and assign(out, None)[0].top_k is None
+
+
+def test_metadata_requires_contract_keys():
+    with pytest.raises(ValueError, match="deepclust.k"):
+        ModelMetadata.from_props({"deepclust.method": "x", "deepclust.input_size": "32", "deepclust.backbone": "b"})
+
+
+def test_model_without_contract_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError):
+        Engine(path)
+
+
+def test_tiny_card_roundtrip_and_sha(tiny_model_dir, tmp_path):
+    card = ModelCard.load(tiny_model_dir)
+    card.verify_file(tiny_model_dir / "model.onnx")
+    tampered = tmp_path / "model.onnx"
+    tampered.write_bytes((tiny_model_dir / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="does not match"):
+        card.verify_file(tampered)
+    assert json.loads((tiny_model_dir / "model.json").read_text())["files"]["model.onnx"]["precision"] == "fp32"
+
+
+def test_default_model_on_real_images(default_model_dir, cifar_test_dir):
+    card = ModelCard.load(default_model_dir)
+    engine = Engine(default_model_dir / "model.onnx", max_batch=32)
+    assert engine.k == card.k and engine.input_size == card.input_size
+    files = [sorted((cifar_test_dir / c).glob("*.jpg"))[:20] for c in sorted(p.name for p in cifar_test_dir.iterdir())]
+    paths = [p for group in files for p in group]
+    images = np.stack([load_image(p.read_bytes(), engine.input_size) for p in paths])
+    out = engine.run(images)
+    assert out.probabilities.shape == (len(paths), engine.k)
+    # a trained model uses more than one cluster on 10 classes × 20 real images
+    assert len(set(out.cluster.tolist())) >= 3
