@@ -60,7 +60,11 @@ def bench_engine(engine, folder: Path, n_decoded: int, n_total: int, batch: int)
 
     paths = list(walk_images(folder))
     step = max(1, len(paths) // n_decoded)
-    arrays = np.stack([load_image((folder / p).read_bytes(), engine.input_size) for p in paths[::step][:n_decoded]])
+    if not hasattr(bench_engine, "arrays"):  # decoded once, reused by every repeat
+        bench_engine.arrays = np.stack(
+            [load_image((folder / p).read_bytes(), engine.input_size) for p in paths[::step][:n_decoded]]
+        )
+    arrays = bench_engine.arrays
     engine.run(arrays[:batch])  # warm
     done, started = 0, time.perf_counter()
     while done < n_total:
@@ -79,9 +83,10 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None, help="default: the extracted CIFAR-10 test folder")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--engine-images", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating labeller/engine runs (medians)")
     args = parser.parse_args()
 
     from serving.batch import Shard
@@ -90,34 +95,47 @@ def main() -> None:
 
     folder = args.folder or cifar_test_dir()
     model_file = resolve_model_file(args.model, args.precision)
-    with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
-        config = LabelConfig(
-            root=folder, model=args.model, output=Path(tmp) / "labels.jsonl", workers=args.workers,
-            batch_size=args.batch_size, threads=args.threads, precision=args.precision, shard=Shard(),
-            progress="none",
-        )
-        started = time.perf_counter()
-        summary = Labeller(config).run()
-        wall = time.perf_counter() - started
-    labeller_rss = peak_rss_mb(resource.RUSAGE_SELF)
+    engine = None
+    labeller_runs: list[float] = []
+    engine_runs: list[float] = []
+    walls: list[float] = []
+    labeller_rss = 0.0
+    # Alternate labeller and bare-engine runs and take medians: on a shared machine the load changes by the minute,
+    # and measuring one after the other would compare two different machines.
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
+            config = LabelConfig(
+                root=folder, model=args.model, output=Path(tmp) / "labels.jsonl", workers=args.workers,
+                batch_size=args.batch_size, threads=args.threads, precision=args.precision, shard=Shard(),
+                progress="none",
+            )
+            started = time.perf_counter()
+            summary = Labeller(config).run()
+            walls.append(time.perf_counter() - started)
+        labeller_runs.append(summary.images_per_s)
+        if engine is None:  # measured before the pre-decoded arrays below exist
+            labeller_rss = peak_rss_mb(resource.RUSAGE_SELF)
+            engine = Engine(model_file, intra_op_threads=args.threads, max_batch=args.batch_size)
+        images = summary.labelled + summary.new_errors
+        engine_runs.append(bench_engine(engine, folder, args.engine_images, images, args.batch_size))
     worker_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
-    images = summary.labelled + summary.new_errors
-
-    engine = Engine(model_file, intra_op_threads=args.threads, max_batch=args.batch_size)
-    engine_ips = bench_engine(engine, folder, args.engine_images, images, args.batch_size)
+    labeller_ips, engine_ips = float(np.median(labeller_runs)), float(np.median(engine_runs))
+    assert engine is not None
 
     row = {
         "model": str(args.model.name), "precision": args.precision, "input_size": engine.input_size,
         "workers": args.workers, "threads": args.threads or os.cpu_count(), "batch_size": args.batch_size,
-        "labeller_images_per_s": round(summary.images_per_s, 1),
+        "labeller_images_per_s": round(labeller_ips, 1),
         "engine_images_per_s": round(engine_ips, 1),
-        "ratio": round(summary.images_per_s / engine_ips, 3),
-        "labeller_wall_s": round(wall, 2),
+        "ratio": round(labeller_ips / engine_ips, 3),
+        "labeller_runs": [round(x, 1) for x in labeller_runs], "engine_runs": [round(x, 1) for x in engine_runs],
+        "labeller_wall_s": round(float(np.median(walls)), 2),
         "peak_rss_mb": round(labeller_rss, 1), "worker_peak_rss_mb": round(worker_rss, 1),
         "images": images, "errors": summary.errors, **provenance(),
     }
     path = write_rows("label", [row], merge_on=("model", "precision", "workers", "threads", "batch_size"))
-    print_table([row], ["model", "workers", "threads", "labeller_images_per_s", "engine_images_per_s", "ratio",
+    print_table([row], ["model", "workers", "threads", "batch_size", "labeller_images_per_s", "engine_images_per_s",
+                        "ratio",
                         "peak_rss_mb", "images", "errors"])
     print(f"wrote {path}")
 

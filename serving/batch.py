@@ -91,11 +91,10 @@ def display_path(rel: str) -> str:
 
     UTF-8 names are unchanged; bytes that are not UTF-8 become `\\xNN` and control characters (a newline is legal in
     a file name) become `\\xNN` too, so that a row is always one line of text. `fs_path` reverses it."""
-    raw = os.fsencode(rel)
-    text = raw.decode("utf-8", "backslashreplace")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
-        text = "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
-    return text
+    if rel.isprintable():  # the common case: valid UTF-8, no control characters, no surrogates
+        return rel
+    text = os.fsencode(rel).decode("utf-8", "backslashreplace")
+    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
 
 
 def fs_path(root: str | Path, display: str) -> str:

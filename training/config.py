@@ -77,7 +77,9 @@ class RunConfig(_Strict):
     out_dir: str = "runs"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also pays off on CPUs with AVX512-BF16"
+    )
     channels_last: bool = True
     checkpoint_every: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=1)

@@ -33,8 +33,10 @@ def embed(
     seed: int = 0,
     device: str = "cpu",
     desc: str = "embed",
+    batch_augment: torch.nn.Module | None = None,
 ) -> np.ndarray:
-    """Backbone features of every image under one transform (seeded, so augmented passes are reproducible)."""
+    """Backbone features of every image under one transform, optionally followed by a batched augmentation
+    (seeded, so augmented passes are reproducible)."""
     backbone.eval().to(device)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -49,7 +51,10 @@ def embed(
     torch.manual_seed(seed)
     out = np.empty((len(dataset), backbone.feature_dim), dtype=np.float32)
     for images, _, index in tqdm(loader, desc=desc, unit="batch", mininterval=5):
-        out[index.numpy()] = backbone(images.to(device)).float().cpu().numpy()
+        images = images.to(device)
+        if batch_augment is not None:
+            images = batch_augment(images)
+        out[index.numpy()] = backbone(images).float().cpu().numpy()
     return out
 
 
@@ -91,7 +96,8 @@ def frozen_features(
 ) -> np.ndarray:
     """Features of a frozen pretrained backbone: `view="clean"` is the serving transform; `"aug<i>"` is the i-th
     seeded pass of CC's augmentations (cached views give the contrastive methods their positive pairs)."""
-    from training.data.views import cc_augment, eval_transform
+    from training.data.batch_augment import BatchAugment
+    from training.data.views import eval_transform
     from training.models.backbones import create_backbone
 
     key = {
@@ -103,15 +109,15 @@ def frozen_features(
         "strength": augment_strength if view != "clean" else None,
         "min_scale": min_scale if view != "clean" else None,
         "version": 1,
+        **({"augment_impl": "batched"} if view != "clean" else {}),
     }
 
     def compute() -> np.ndarray:
         backbone = create_backbone(backbone_name, pretrained=True)
-        if view == "clean":
-            transform, seed = eval_transform(image_size), 0
-        else:
-            transform = cc_augment(image_size, augment_strength, min_scale)
-            seed = 1000 + int(view.removeprefix("aug"))
+        augment, seed = None, 0
+        if view != "clean":  # CC's augmentations, batched (PIL colour jitter at 160 px costs more than the forward)
+            augment, seed = BatchAugment(image_size, augment_strength, min_scale), 1000 + int(view.removeprefix("aug"))
+        transform = eval_transform(image_size)
         return embed(
             backbone,
             dataset,
@@ -120,6 +126,7 @@ def frozen_features(
             workers=workers,
             seed=seed,
             desc=f"{dataset_key}:{view}",
+            batch_augment=augment,
         )
 
     return cached_embed(key, compute)

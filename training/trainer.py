@@ -204,7 +204,8 @@ class Trainer:
         return self.model.backbone(inputs)
 
     def autocast(self) -> torch.autocast:
-        enabled = self.config.run.bf16 and self.device.type == "cuda"
+        precision = self.config.run.precision
+        enabled = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ---------------------------------------------------------------- loop

@@ -81,6 +81,9 @@ def command(
             overwrite=overwrite, max_bytes=int(max_mb * (1 << 20)), max_pixels=max_pixels, progress=progress,
         )
         summary = Labeller(config).run()
+    except KeyboardInterrupt:
+        typer.echo("deepclust label: interrupted; re-run the same command to resume", err=True)
+        raise typer.Exit(130) from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         typer.echo(f"deepclust label: {problems}", err=True)

@@ -1,0 +1,53 @@
+"""`deepclust export`: a checkpoint -> ONNX (uint8 images in, pre-processing inside), variants, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def command(
+    checkpoint: Annotated[Path, typer.Argument(help="run directory or checkpoint file (.pt)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="model store folder, e.g. model_store/NAME")],
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="static INT8 (QDQ) variant for CPUs")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="FP16 variant for GPUs")] = False,
+    parity_images: Annotated[int, typer.Option(min=1, help="evaluation images for the torch/ONNX parity check")] = 1000,
+    calibration_images: Annotated[int, typer.Option(min=1, help="training images for INT8 calibration")] = 512,
+    eval_limit: Annotated[
+        int | None, typer.Option(min=1, help="evaluate on a fixed random subset of the evaluation split")
+    ] = None,
+) -> None:
+    """Export, check parity with torch (max |dp| <= 1e-4, 100% argmax) and write model.json; fails loudly."""
+    from training.cli_support import configure_logging
+    from training.export import ExportError, export_checkpoint
+
+    configure_logging()
+    variants = tuple(v for v, on in (("int8", int8), ("fp16", fp16)) if on)
+    try:
+        result = export_checkpoint(
+            checkpoint,
+            output,
+            variants=variants,
+            parity_images=parity_images,
+            calibration_images=calibration_images,
+            eval_limit=eval_limit,
+        )
+    except (ExportError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"export failed: {error}", err=True)
+        raise typer.Exit(2) from error
+    card = result.card
+    typer.echo(
+        json.dumps(
+            {
+                "out_dir": str(result.out_dir),
+                "metrics": card.metrics.model_dump(),
+                "parity": result.parity.__dict__,
+                "int8_agreement": result.int8_agreement,
+                "fp16_agreement": result.fp16_agreement,
+                "files": {name: f.bytes for name, f in card.files.items()},
+            }
+        )
+    )

@@ -1,0 +1,81 @@
+"""`deepclust serve`: serve a model from the store with TorchServe (what `make serve` runs).
+
+Settings come from an optional YAML file (`--config`, keys of `serving.server.ServeConfig`, optionally under a
+`serve:` key) and the options below override it. The implementation is imported lazily (no torch needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def command(
+    model: str = typer.Option(
+        None, "--model", "-m", help="Model folder name in the store (default cifar10-lite0) or a path."
+    ),
+    config: Path = typer.Option(
+        None, "--config", "-c", exists=True, dir_okay=False, help="YAML serve settings."
+    ),
+    model_store: Path = typer.Option(
+        None, "--model-store", help="Model store folder (default ./model_store)."
+    ),
+    variant: str = typer.Option(
+        None, "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …)."
+    ),
+    host: str = typer.Option(None, "--host", help="Inference API address (default 127.0.0.1)."),
+    port: int = typer.Option(None, "--port", help="Inference API port (default 8080)."),
+    management: str = typer.Option(None, "--management", help="off (default) | loopback (127.0.0.1:8081)."),
+    metrics_port: int = typer.Option(
+        None, "--metrics-port", help="deepclust Prometheus metrics port (default 8082)."
+    ),
+    metrics_host: str = typer.Option(
+        None, "--metrics-host", help="deepclust Prometheus metrics address (default 127.0.0.1)."
+    ),
+    token_auth: str = typer.Option(
+        None, "--token-auth", help="auto (default: off only when every API is on loopback) | on | off."
+    ),
+    workers: int = typer.Option(None, "--workers", help="TorchServe workers (default 1)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Server-side batch size in requests (default 16)."
+    ),
+    max_batch_delay_ms: int = typer.Option(
+        None, "--max-batch-delay-ms", help="Server-side batch delay (default 10)."
+    ),
+    intra_op_threads: int = typer.Option(None, "--threads", help="onnxruntime threads per worker (0 = all)."),
+) -> None:
+    """Serve a clustering model over HTTP (TorchServe + onnxruntime); Ctrl-C stops it."""
+    from pydantic import ValidationError
+
+    from serving.server import ServeConfig, serve_forever
+
+    try:
+        settings = ServeConfig.load(
+            config,
+            model=model,
+            model_store=model_store,
+            variant=variant,
+            host=host,
+            port=port,
+            management=management,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            token_auth=token_auth,
+            workers=workers,
+            batch_size=batch_size,
+            max_batch_delay_ms=max_batch_delay_ms,
+            intra_op_threads=intra_op_threads,
+        )
+    except (ValidationError, ValueError, OSError) as exc:
+        typer.echo(f"deepclust serve: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        code = serve_forever(settings, echo=typer.echo)
+    except (FileNotFoundError, ValueError) as exc:  # missing model, sha mismatch with the card
+        typer.echo(f"deepclust serve: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"deepclust serve: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    raise typer.Exit(code)

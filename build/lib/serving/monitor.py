@@ -1,0 +1,446 @@
+"""The evaluation job (`deepclust monitor`): watch a served model with labels or without.
+
+Two modes, one run:
+- labelled (`reference_dir`: a folder of class sub-folders; the class is the first path component): ACC, NMI
+  and ARI of the model now, and their change from the values the export recorded (`deepclust.metrics`);
+- unlabelled (`sample_dir`: any folder of recent images): drift of the cluster distribution (PSI, JS,
+  chi-square p) and of the confidence distribution (KS, W1, mean, low-confidence share) against
+  `deepclust.reference`.
+Either mode can add model-to-model agreement (`compare_model`) and embedding MMD against a baseline folder.
+
+Publishing: gauges named exactly as DESIGN.md section 4 (labels `model`, `dataset`; the Pushgateway adds
+`job`) plus `deepclust_eval_last_success_timestamp_seconds`, pushed with grouping key {model, dataset} so that
+runs over different datasets do not replace each other. In labelled mode the export-time ACC/NMI/ARI are
+published too, as the same gauges with `dataset="export:<dataset>:<split>"` in their own group: that lets the
+ACC-drop alert (k8s/base/prometheus-rules.yaml) compare "now" with "at export" inside Prometheus without a new
+metric name. A Prometheus scraping the Pushgateway needs `honor_labels: true` (else `job` becomes
+`exported_job`).
+
+The low-confidence threshold is the reference's 5 % confidence quantile (q0.05): under the reference 5 % of
+assignments fall below it, for any model and any K, so one alert threshold (25 %) fits every
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from serving import drift
+from serving.quality import evaluate_clustering
+
+log = logging.getLogger("deepclust.monitor")
+
+EVAL_GAUGES = {  # report key → (metric name, help); DESIGN.md section 4, evaluation job
+    "acc": ("deepclust_eval_accuracy", "Clustering accuracy (Hungarian) on the labelled probe set."),
+    "nmi": ("deepclust_eval_nmi", "Normalised mutual information on the labelled probe set."),
+    "ari": ("deepclust_eval_ari", "Adjusted Rand index on the labelled probe set."),
+}
+DRIFT_GAUGES = {
+    "psi": ("deepclust_drift_psi", "Population stability index of cluster shares vs the export reference."),
+    "js_divergence": ("deepclust_drift_js_divergence", "Jensen-Shannon divergence (bits) of cluster shares."),
+    "confidence_ks": (
+        "deepclust_drift_confidence_ks",
+        "KS statistic of max-probability vs the export reference.",
+    ),
+    "low_confidence_ratio": (
+        "deepclust_low_confidence_ratio",
+        "Share of assignments below the reference's 5% confidence quantile.",
+    ),
+}
+TIMESTAMP_GAUGE = "deepclust_eval_last_success_timestamp_seconds"
+DEFAULT_JOB = "deepclust-monitor"
+EXPORT_DATASET_PREFIX = "export:"
+LOW_CONFIDENCE_LEVEL = 0.05  # reference quantile used as the low-confidence threshold (see the module doc)
+
+
+class MonitorError(Exception):
+    """Bad usage or bad input (exit code 2): a missing folder, a model without a reference, nothing
+    decodable."""
+
+
+class PublishError(Exception):
+    """The figures were computed but could not be published (Pushgateway down, textfile not writable)."""
+
+
+class MonitorConfig(BaseModel):
+    """What one run does; validated at the edge (the CLI builds it)."""
+
+    model_config = ConfigDict(protected_namespaces=(), extra="forbid")
+
+    model: Path
+    reference_dir: Path | None = None
+    sample_dir: Path | None = None
+    pushgateway: str | None = None
+    textfile: Path | None = None
+    json_path: Path | None = None
+    compare_model: Path | None = None
+    embedding_baseline: Path | None = None
+    dataset: str | None = None
+    job: str = DEFAULT_JOB
+    max_images: int | None = None
+    seed: int = 0
+    low_confidence_threshold: float | None = None
+    batch_size: int = 64
+    workers: int = 1
+
+    @field_validator("max_images")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("max_images must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> MonitorConfig:
+        if (self.reference_dir is None) == (self.sample_dir is None):
+            raise ValueError("give exactly one of --reference (labelled) or --sample (unlabelled)")
+        if self.pushgateway and self.textfile:
+            raise ValueError("give at most one of --pushgateway or --textfile")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "labelled" if self.reference_dir is not None else "unlabelled"
+
+    @property
+    def folder(self) -> Path:
+        folder = self.reference_dir if self.reference_dir is not None else self.sample_dir
+        assert folder is not None  # guaranteed by _one_mode
+        return folder
+
+
+def resolve_model_file(path: Path) -> Path:
+    """`model_store/NAME` → its `model.onnx`; a file path is taken as is."""
+    candidate = path / "model.onnx" if path.is_dir() else path
+    if not candidate.is_file():
+        raise MonitorError(f"no ONNX model at {candidate}")
+    return candidate
+
+
+def model_name(path: Path) -> str:
+    return path.name if path.is_dir() else path.parent.name
+
+
+# ------------------------------------------------------------------------------------------------- running
+@dataclass
+class FolderRun:
+    """One model over one folder: per good image its path, cluster, confidence, embedding; and the bad
+    items."""
+
+    paths: list[str] = field(default_factory=list)
+    clusters: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+
+def list_images(folder: Path, *, max_images: int | None, seed: int) -> list[str]:
+    """The image files under `folder` in the deterministic walk order of `serving.batch`, optionally a seeded
+    random subset of `max_images` (kept in walk order) so a big probe set stays a bounded, repeatable job."""
+    from serving.batch import walk_images
+
+    if not folder.is_dir():
+        raise MonitorError(f"not a folder: {folder}")
+    paths = list(walk_images(folder))
+    if not paths:
+        raise MonitorError(f"no image files under {folder}")
+    if max_images is not None and len(paths) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(paths), size=max_images, replace=False))
+        paths = [paths[i] for i in keep]
+    return paths
+
+
+def run_folder(engine: Any, folder: Path, paths: Sequence[str], *, batch_size: int = 64, workers: int = 1) -> FolderRun:
+    """Run the engine over `paths` with the shared batch pipeline (parallel decode, per-item errors)."""
+    from serving.batch import PipelineOptions, run_files
+
+    options = PipelineOptions(batch_size=batch_size, workers=workers, with_embedding=True)
+    run = FolderRun()
+    for item in run_files(engine, folder, paths, options):
+        if item.ok:
+            run.paths.append(item.rel)
+            run.clusters.append(int(item.result.cluster))  # type: ignore[union-attr]
+            run.confidence.append(float(item.result.confidence))  # type: ignore[union-attr]
+            run.embeddings.append(np.asarray(item.embedding, dtype=np.float32))
+        else:
+            error = item.result.error  # type: ignore[union-attr]
+            run.errors.append({"path": item.path, "code": error.code, "message": error.message})
+    return run
+
+
+def _open_engine(path: Path) -> Any:
+    from serving.engine import Engine
+
+    try:
+        return Engine(resolve_model_file(path), providers=("cpu",), max_batch=64)
+    except (OSError, ValueError) as exc:
+        raise MonitorError(f"cannot load the model {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------------- maths
+def drift_report(
+    clusters: np.ndarray,
+    confidence: np.ndarray,
+    k: int,
+    reference: dict,
+    low_confidence_threshold: float | None = None,
+) -> dict[str, Any]:
+    """All unlabelled drift figures of one sample against the export reference (`deepclust.reference`)."""
+    hist = reference.get("cluster_hist") if reference else None
+    quantiles = reference.get("confidence_quantiles") if reference else None
+    if not hist or len(hist) != k or not quantiles:
+        raise MonitorError(
+            "the model's metadata has no usable deepclust.reference (cluster_hist of K values and "
+            "confidence_quantiles): re-export it to monitor drift"
+        )
+    counts = drift.counts_of(clusters, k)
+    expected = drift.normalise(hist)
+    ref_conf = drift.QuantileReference.from_quantiles(quantiles, low=1.0 / k, high=1.0)
+    # The contract always stores q0.05 (the export may store more, e.g. every 0.05 plus 0.01/0.99); the
+    # threshold is that quantile, so 5 % of assignments fall below it under the reference, for every model.
+    threshold = (
+        float(ref_conf.quantile(np.array([LOW_CONFIDENCE_LEVEL]))[0])
+        if low_confidence_threshold is None
+        else low_confidence_threshold
+    )
+    chi2 = drift.chi_square_gof(counts, expected)
+    return {  # chi2_statistic is None when a cluster the reference never saw appears (p = 0): JSON has no inf
+        "n": int(clusters.size),
+        "psi": drift.psi(expected, counts),
+        "js_divergence": drift.js_divergence(expected, counts),
+        "chi2_statistic": chi2.statistic if np.isfinite(chi2.statistic) else None,
+        "chi2_dof": chi2.dof,
+        "chi2_p_value": chi2.p_value,
+        "chi2_min_expected": chi2.min_expected,
+        "confidence_ks": drift.ks_statistic(confidence, ref_conf),
+        "confidence_ks_lower_bound": drift.ks_lower_bound(confidence, ref_conf),
+        "confidence_wasserstein": drift.wasserstein_1(confidence, ref_conf),
+        "mean_confidence": drift.mean_confidence(confidence),
+        "reference_mean_confidence": float(reference.get("mean_confidence") or ref_conf.mean()),
+        "low_confidence_ratio": drift.low_confidence_ratio(confidence, threshold),
+        "low_confidence_threshold": threshold,
+        "low_confidence_expected_ratio": LOW_CONFIDENCE_LEVEL if low_confidence_threshold is None else None,
+        "reference_quantile_levels": ref_conf.stored_levels.tolist(),
+        "cluster_shares": (counts / max(counts.sum(), 1)).tolist(),
+        "reference_shares": expected.tolist(),
+    }
+
+
+def labelled_report(paths: Sequence[str], clusters: np.ndarray, export_metrics: dict | None) -> dict[str, Any]:
+    """ACC/NMI/ARI against the class folders, and their change from the export-time values."""
+    class_of = [p.split("/", 1)[0] for p in paths]
+    classes = sorted(set(class_of))
+    index = {name: i for i, name in enumerate(classes)}
+    y_true = np.array([index[c] for c in class_of], dtype=np.int64)
+    report = evaluate_clustering(y_true, clusters)
+    result: dict[str, Any] = {**report.summary(), "classes": classes, "cluster_sizes": report.cluster_sizes}
+    export = (
+        {key: export_metrics.get(key) for key in ("acc", "nmi", "ari", "dataset", "split", "n")}
+        if export_metrics
+        else None
+    )
+    result["export"] = export
+    result["change"] = {
+        key: (result[key] - float(export[key])) if export and export.get(key) is not None else None
+        for key in ("acc", "nmi", "ari")
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+def build_registry(model: str, series: dict[str, dict[str, Any]], *, timestamp: dict[str, float] | None = None) -> Any:
+    """A prometheus-client registry: for each dataset label in `series`, one gauge per known figure
+    present, all labelled model/dataset; `timestamp` maps dataset labels to their last-success time."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    gauges: dict[str, Gauge] = {}
+    for dataset, values in series.items():
+        for key, (name, help_text) in {**EVAL_GAUGES, **DRIFT_GAUGES}.items():
+            if values.get(key) is None:
+                continue
+            if name not in gauges:
+                gauges[name] = Gauge(name, help_text, ["model", "dataset"], registry=registry)
+            gauges[name].labels(model=model, dataset=dataset).set(float(values[key]))
+    if timestamp:
+        gauge = Gauge(
+            TIMESTAMP_GAUGE,
+            "Unix time of the last successful evaluation run.",
+            ["model", "dataset"],
+            registry=registry,
+        )
+        for dataset, value in timestamp.items():
+            gauge.labels(model=model, dataset=dataset).set(value)
+    return registry
+
+
+def export_dataset_label(export: dict | None) -> str | None:
+    if not export or export.get("acc") is None:
+        return None
+    return f"{EXPORT_DATASET_PREFIX}{export.get('dataset') or 'unknown'}:{export.get('split') or 'unknown'}"
+
+
+def publish(report: dict[str, Any], config: MonitorConfig) -> list[str]:
+    """Push to the Pushgateway or write the textfile; returns what was done (for the report)."""
+    from prometheus_client import push_to_gateway, write_to_textfile
+
+    model, dataset = report["model"], report["dataset"]
+    if config.mode == "labelled":  # a probe set's drift goes to the JSON only, not to the alerting gauges
+        labelled = report["labelled"]
+        figures = {key: labelled[key] for key in EVAL_GAUGES}
+        export = labelled.get("export")
+        export_label = export_dataset_label(export)
+    else:
+        figures, export, export_label = dict(report["drift"]), None, None
+    now = {dataset: report["finished_at"]}
+    done: list[str] = []
+    try:
+        if config.pushgateway:
+            registry = build_registry(model, {dataset: figures}, timestamp=now)
+            push_to_gateway(
+                config.pushgateway,
+                job=config.job,
+                registry=registry,
+                grouping_key={"model": model, "dataset": dataset},
+                timeout=15,
+            )
+            done.append(f"pushed to {config.pushgateway} job={config.job} model={model} dataset={dataset}")
+            if export_label:
+                baseline = build_registry(model, {export_label: export})
+                push_to_gateway(
+                    config.pushgateway,
+                    job=config.job,
+                    registry=baseline,
+                    grouping_key={"model": model, "dataset": export_label},
+                    timeout=15,
+                )
+                done.append(f"pushed export baseline dataset={export_label}")
+        elif config.textfile:
+            series = {dataset: figures, **({export_label: export} if export_label else {})}
+            registry = build_registry(model, series, timestamp=now)
+            config.textfile.parent.mkdir(parents=True, exist_ok=True)
+            write_to_textfile(str(config.textfile), registry)
+            done.append(f"wrote {config.textfile}")
+    except OSError as exc:  # urllib's URLError/HTTPError are OSErrors
+        raise PublishError(f"could not publish the metrics: {exc}") from exc
+    return done
+
+
+# --------------------------------------------------------------------------------------------------- the job
+def run_monitor(config: MonitorConfig) -> dict[str, Any]:
+    """Do one evaluation run; return the JSON report (also written to `config.json_path` when given).
+
+    Raises `MonitorError` for bad usage/input and `PublishError` when only the publishing failed (the JSON
+    report is written before publishing, so the figures are never lost)."""
+    started = time.time()
+    folder = config.folder
+    engine = _open_engine(config.model)
+    name = model_name(config.model)
+    dataset = config.dataset or folder.resolve().name
+    paths = list_images(folder, max_images=config.max_images, seed=config.seed)
+    run = run_folder(engine, folder, paths, batch_size=config.batch_size, workers=config.workers)
+    if not run.clusters:
+        raise MonitorError(f"none of the {len(paths)} images under {folder} could be decoded")
+    clusters = np.asarray(run.clusters, dtype=np.int64)
+    confidence = np.asarray(run.confidence, dtype=np.float64)
+    metadata = engine.metadata
+    report: dict[str, Any] = {
+        "model": name,
+        "model_path": str(engine.model_path),
+        "model_sha256": engine.sha256,
+        "dataset": dataset,
+        "mode": config.mode,
+        "folder": str(folder),
+        "n_images": len(paths),
+        "n_ok": int(clusters.size),
+        "n_errors": len(run.errors),
+        "errors": run.errors[:100],
+        "labelled": None,
+        "drift": None,
+    }
+    if config.mode == "labelled":
+        labelled_paths = [p for p in run.paths if "/" in p]
+        loose = [p for p in run.paths if "/" not in p]
+        for path in loose:
+            report["errors"].append(
+                {"path": path, "code": "bad_request", "message": "not inside a class folder: no label"}
+            )
+        report["n_errors"] += len(loose)
+        keep = np.array(["/" in p for p in run.paths])
+        if not labelled_paths:
+            raise MonitorError(f"{folder} has no images inside class sub-folders")
+        report["labelled"] = labelled_report(labelled_paths, clusters[keep], metadata.metrics)
+    if metadata.reference:
+        try:
+            report["drift"] = drift_report(
+                clusters, confidence, engine.k, metadata.reference, config.low_confidence_threshold
+            )
+        except MonitorError:
+            if config.mode == "unlabelled":
+                raise
+    elif config.mode == "unlabelled":
+        raise MonitorError("the model has no deepclust.reference metadata: drift cannot be measured")
+    if config.compare_model is not None:
+        other = _open_engine(config.compare_model)
+        other_run = run_folder(other, folder, run.paths, batch_size=config.batch_size, workers=config.workers)
+        common = sorted(set(run.paths) & set(other_run.paths))
+        mine = dict(zip(run.paths, run.clusters, strict=True))
+        theirs = dict(zip(other_run.paths, other_run.clusters, strict=True))
+        report["agreement"] = {
+            "other_model": model_name(config.compare_model),
+            **drift.model_agreement(np.array([mine[p] for p in common]), np.array([theirs[p] for p in common])),
+        }
+    if config.embedding_baseline is not None:
+        base_paths = list_images(config.embedding_baseline, max_images=drift.MMD_MAX_SAMPLES, seed=config.seed)
+        base_run = run_folder(
+            engine,
+            config.embedding_baseline,
+            base_paths,
+            batch_size=config.batch_size,
+            workers=config.workers,
+        )
+        if base_run.embeddings:
+            report["embedding_mmd2"] = drift.mmd_rbf(
+                np.stack(base_run.embeddings), np.stack(run.embeddings), seed=config.seed
+            )
+    report["started_at"] = started
+    report["finished_at"] = time.time()
+    report["seconds"] = round(report["finished_at"] - started, 3)
+    if config.json_path is not None:
+        config.json_path.parent.mkdir(parents=True, exist_ok=True)
+        config.json_path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    report["published"] = publish(report, config)
+    log.info(
+        "monitor run done",
+        extra={
+            "model": name,
+            "dataset": dataset,
+            "mode": config.mode,
+            "n_ok": report["n_ok"],
+            "n_errors": report["n_errors"],
+        },
+    )
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, default=_json_default)

@@ -1,0 +1,537 @@
+"""`deepclust serve`: configuration, the `.mar` archive, a generated `config.properties`, and TorchServe in
+the foreground.
+
+Why we start TorchServe's Java frontend ourselves instead of the `torchserve` launcher: the launcher keeps
+one global
+pid file in /tmp and refuses a second instance on the machine, and it leaves the JVM in our terminal's
+process group.
+We start the JVM in its own session (its Python workers follow), so that Ctrl-C or SIGTERM on `deepclust
+serve` stops
+the whole tree cleanly (SIGTERM, then SIGKILL after a grace period), and several instances (tests, `make
+serve`) can
+run side by side. Each instance gets a private state directory (config, logs, token key file, metrics files)
+and
+private worker socket numbers.
+
+Security defaults: inference on 127.0.0.1; the management API is OFF (bound to a unix socket inside the 0700
+state
+directory, unreachable over TCP — TorchServe 0.12 cannot disable it) or `loopback`; model registration
+through the API
+disabled; `allowed_urls` restricted to our archive directory; TorchServe's gRPC servers (always started by
+0.12) on
+loopback ephemeral ports; token authorization `auto` = off only when every HTTP API is bound to loopback, on
+otherwise
+(the key file is chmod 0600 and its path printed); no per-model pip installs; no config snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.schemas import ModelCard
+
+log = logging.getLogger("deepclust.serve")
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+HANDLER_SOURCE = Path(__file__).with_name("handler.py")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("DEEPCLUST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "deepclust"
+
+
+def default_model_store() -> Path:
+    """`./model_store` when run from a checkout, else the one beside the installed (editable) package."""
+    here = Path.cwd() / "model_store"
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "model_store"
+
+
+class ServeConfig(BaseModel):
+    """Everything `deepclust serve` needs; loadable from YAML, overridable from the command line."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("cifar10-lite0", description="folder name in the model store (also the URL's model name)")
+    model_store: Path = Field(default_factory=default_model_store)
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    management: Literal["off", "loopback"] = "off"
+    management_port: int = Field(8081, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(8082, ge=1, le=65535, description="deepclust Prometheus metrics (histograms)")
+    torchserve_metrics_port: int = Field(8083, ge=1, le=65535, description="TorchServe's own metrics API")
+    token_auth: Literal["auto", "on", "off"] = "auto"  # noqa: S105 - a mode, not a secret
+    token_expiration_min: int = Field(60 * 24 * 30, ge=1)
+    workers: int = Field(1, ge=1, le=16)
+    batch_size: int = Field(16, ge=1, le=1024, description="TorchServe server-side batch (requests)")
+    max_batch_delay_ms: int = Field(10, ge=0, le=10_000)
+    response_timeout_s: int = Field(120, ge=1)
+    providers: list[str] = Field(default_factory=lambda: ["tensorrt", "cuda", "cpu"])
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per worker (0 = all cores)")
+    max_batch: int = Field(64, ge=1, description="largest engine batch (images); bigger ones are split")
+    max_bytes: int = Field(20 * (1 << 20), ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_request_bytes: int = Field(100 * (1 << 20), ge=1)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    log_dir: Path | None = None
+    startup_timeout_s: float = Field(180, gt=0)
+    java: str = "java"
+    jvm_heap: str = "512m"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServeConfig:
+        ports = [self.port, self.metrics_port, self.torchserve_metrics_port]
+        if self.management == "loopback":
+            ports.append(self.management_port)
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"the inference, management and metrics ports must differ: {ports}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+        """YAML file (optional) + overrides (None values ignored)."""
+        data: dict[str, Any] = {}
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of serve settings")
+            data.update(loaded.get("serve", loaded))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
+
+    # ----------------------------------------------------------------------------------------------- derived
+    @property
+    def model_dir(self) -> Path:
+        candidate = Path(self.model)
+        return candidate if candidate.is_dir() else self.model_store / self.model
+
+    @property
+    def model_name(self) -> str:
+        return self.model_dir.name
+
+    @property
+    def model_file(self) -> Path:
+        return self.model_dir / VARIANT_FILES[self.variant]
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.token_auth != "auto":  # noqa: S105 - a mode, not a secret
+            return self.token_auth == "on"  # noqa: S105
+        return not (_is_loopback(self.host) and _is_loopback(self.metrics_host))
+
+    @property
+    def base_url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - not a bind
+        return f"http://{_url_host(host)}:{self.port}"
+
+    def handler_config(self) -> dict[str, Any]:
+        return {
+            "model_file": self.model_file.name,
+            "model_name": self.model_name,
+            "providers": self.providers,
+            "intra_op_threads": self.intra_op_threads,
+            "max_batch": self.max_batch,
+            "max_bytes": self.max_bytes,
+            "max_pixels": self.max_pixels,
+            "metrics": True,
+        }
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# ------------------------------------------------------------------------------------------------ archive
+def archive_stamp(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> str:
+    """Digest of everything inside the archive: a change of model, card or handler makes it stale."""
+    digest = hashlib.sha256(b"archive-layout-2")  # bump when the archiver arguments change
+    for path in (config.model_file, config.model_dir / "model.json", handler):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.suffix != ".onnx" else _file_sha(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha(path: Path) -> str:
+    from serving.schemas import sha256_file
+
+    return sha256_file(path)
+
+
+def verify_model(config: ServeConfig) -> ModelCard:
+    """Refuse to serve a model file whose sha256 differs from its card (clear message; exit code 2)."""
+    if not config.model_dir.is_dir():
+        raise FileNotFoundError(
+            f"model folder not found: {config.model_dir} (train and export one, or set --model / --model-store)"
+        )
+    if not config.model_file.is_file():
+        raise FileNotFoundError(f"{config.model_file} not found (variant {config.variant!r})")
+    card = ModelCard.load(config.model_dir / "model.json")
+    card.verify_file(config.model_file)
+    return card
+
+
+def build_archive(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> Path:
+    """Build `<cache>/mar/<stamp>/<model>.mar` with torch-model-archiver unless an up-to-date one exists."""
+    stamp = archive_stamp(config, handler)
+    store = config.cache_dir / "mar" / stamp
+    mar = store / f"{config.model_name}.mar"
+    if mar.is_file():
+        return mar
+    store.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=store.parent))
+    try:
+        extra = ",".join(str(p) for p in (config.model_file, config.model_dir / "model.json"))
+        archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
+            "torch-model-archiver"
+        )
+        if archiver is None:
+            raise RuntimeError("torch-model-archiver not found: install the 'serve' extra")
+        cmd = [
+            archiver,
+            "--model-name",
+            config.model_name,
+            "--version",
+            "1.0",  # the `models` property is keyed by this version; the stamp names the folder
+            "--handler",
+            str(handler),
+            "--extra-files",
+            extra,
+            "--export-path",
+            str(staging),
+            "--archive-format",
+            "zip-store",
+            "--force",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip() or result.stdout.strip()}")
+        built = staging / f"{config.model_name}.mar"
+        store.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            built.rename(mar)  # atomic; if another process won the race its archive is identical
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("built archive %s", mar)
+    return mar
+
+
+# ------------------------------------------------------------------------------------------ config.properties
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_worker_port(workers: int) -> int:
+    """TorchServe workers talk over /tmp/.ts.sock.<port+i>: pick numbers no other instance uses."""
+    for _ in range(200):
+        port = random.randint(20_000, 60_000 - workers)
+        if not any(Path(f"/tmp/.ts.sock.{port + i}").exists() for i in range(workers + 4)):  # noqa: S108
+            return port
+    raise RuntimeError("no free TorchServe worker port found")
+
+
+def _prop_escape(value: str) -> str:
+    return value.replace("\\", "\\\\")
+
+
+def render_properties(config: ServeConfig, store: Path, state: Path) -> str:
+    """The generated TorchServe `config.properties` (documented key by key)."""
+    host = _url_host(config.host)
+    if config.management == "loopback":
+        management = f"http://127.0.0.1:{config.management_port}"
+    else:
+        management = f"unix:{state / 'management.sock'}"  # unreachable over TCP: "off"
+    models = {
+        config.model_name: {
+            "1.0": {
+                "defaultVersion": True,
+                "marName": f"{config.model_name}.mar",
+                "minWorkers": config.workers,
+                "maxWorkers": config.workers,
+                "batchSize": config.batch_size,
+                "maxBatchDelay": config.max_batch_delay_ms,
+                "responseTimeout": config.response_timeout_s,
+            }
+        }
+    }
+    props = {
+        "inference_address": f"http://{host}:{config.port}",
+        "management_address": management,
+        "metrics_address": f"http://127.0.0.1:{config.torchserve_metrics_port}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_inference_port": _free_loopback_port(),
+        "grpc_management_address": "127.0.0.1",
+        "grpc_management_port": _free_loopback_port(),
+        "use_native_io": "true",
+        "enable_metrics_api": "true",
+        "metrics_mode": "prometheus",
+        "disable_system_metrics": "true",
+        "model_store": _prop_escape(str(store)),
+        "load_models": f"{config.model_name}.mar",
+        "models": json.dumps(models),
+        "enable_model_api": "false",
+        "disable_token_authorization": "false" if config.auth_enabled else "true",
+        "token_expiration_min": config.token_expiration_min,
+        "allowed_urls": _prop_escape(f"file://{re.escape(str(store))}/[^/]+\\.mar"),
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+        "initial_worker_port": _free_worker_port(config.workers),
+        "default_workers_per_model": config.workers,
+        "max_request_size": config.max_request_bytes,
+        "max_response_size": 16 * (1 << 20),
+        "default_response_timeout": config.response_timeout_s,
+        "job_queue_size": 1000,
+        "async_logging": "true",
+    }
+    lines = ["# Generated by `deepclust serve`: edit serve settings (YAML/CLI), not this file."]
+    lines += [f"{key}={value}" for key, value in props.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------- process
+class TorchServeHost:
+    """One TorchServe instance for one model: `start()`, `wait_ready()`, `stop()`; also a context manager."""
+
+    def __init__(self, config: ServeConfig, handler: Path = HANDLER_SOURCE) -> None:
+        self.config = config
+        self.handler = handler  # another handler file only for benchmarks (the eager baseline)
+        self.process: subprocess.Popen | None = None
+        self.metrics_server = None
+        self.state = config.cache_dir / "serve" / f"{config.model_name}-{config.port}"
+        self.log_dir = config.log_dir or self.state / "logs"
+        self.multiproc_dir = self.state / "prometheus-multiproc"
+        self.archive_dir: Path | None = None
+
+    @property
+    def key_file(self) -> Path:
+        return self.state / "key_file.json"
+
+    def inference_token(self) -> str | None:
+        """The bearer token for the inference API (None when token authorization is off)."""
+        if not self.config.auth_enabled or not self.key_file.is_file():
+            return None
+        return json.loads(self.key_file.read_text())["inference"]["key"]
+
+    def prepare(self) -> Path:
+        """Verify the model, build the archive and write the state directory; returns the config file."""
+        verify_model(self.config)
+        mar = build_archive(self.config, self.handler)
+        if self.state.exists():
+            for stale in ("key_file.json", "management.sock", "config.properties"):
+                (self.state / stale).unlink(missing_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state, 0o700)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.archive_dir = mar.parent
+        properties = self.state / "config.properties"
+        properties.write_text(render_properties(self.config, mar.parent, self.state))
+        return properties
+
+    def command(self, properties: Path) -> list[str]:
+        import ts
+
+        ts_home = Path(ts.__file__).resolve().parents[1]
+        return [
+            self.config.java,
+            f"-Dmodel_server_home={ts_home}",
+            f"-Xmx{self.config.jvm_heap}",
+            f"-Djava.io.tmpdir={self.state}",
+            "-cp",
+            f".:{ts_home / 'ts' / 'frontend' / '*'}",
+            "org.pytorch.serve.ModelServer",
+            "--python",
+            sys.executable,
+            "-f",
+            str(properties),
+            "-s",
+            str(self.archive_dir),
+            "-ncs",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        from serving.handler import CONFIG_ENV
+        from serving.telemetry import MULTIPROC_ENV
+
+        env = dict(os.environ)
+        env.update(
+            {
+                MULTIPROC_ENV: str(self.multiproc_dir),
+                CONFIG_ENV: json.dumps(self.config.handler_config()),
+                "LOG_LOCATION": str(self.log_dir),
+                "METRICS_LOCATION": str(self.log_dir),
+                "TEMP": str(self.state),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        # Thread pools: onnxruntime decides from intra_op_threads; keep the others from oversubscribing.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def start(self) -> None:
+        from serving.telemetry import prepare_multiprocess_dir, start_metrics_server
+
+        properties = self.prepare()
+        prepare_multiprocess_dir(self.multiproc_dir)
+        self.metrics_server = start_metrics_server(
+            self.config.metrics_host, self.config.metrics_port, self.multiproc_dir
+        )
+        stdout = open(self.log_dir / "torchserve.out", "ab")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            self.command(properties),
+            cwd=self.state,
+            env=self.environment(),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        stdout.close()
+
+    def wait_ready(self) -> None:
+        """Block until the model answers (a warm-up prediction passes) or raise with the log tail."""
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        url = f"{self.config.base_url}/ping"
+        models_ready = False
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited during start-up:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own URL
+                    models_ready = json.loads(response.read()).get("status") == "Healthy"
+            except (urllib.error.URLError, OSError, ValueError):
+                models_ready = False
+            if models_ready and self._model_answers():
+                if self.config.auth_enabled and self.key_file.exists():
+                    os.chmod(self.key_file, 0o600)
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"TorchServe not ready after {self.config.startup_timeout_s}s:\n{self.log_tail()}")
+
+    def _model_answers(self) -> bool:
+        """Healthy /ping only says the frontend is up: the model is ready once it judges a real request."""
+        request = urllib.request.Request(  # noqa: S310 - our own http URL
+            f"{self.config.base_url}/predictions/{self.config.model_name}",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json", **self.auth_headers()},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5):  # noqa: S310
+                return True
+        except urllib.error.HTTPError as exc:
+            return exc.code == 400  # our handler's bad_request: the worker is up
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def auth_headers(self) -> dict[str, str]:
+        token = self.inference_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def log_tail(self, lines: int = 40) -> str:
+        chunks = []
+        for name in ("torchserve.out", "ts_log.log", "model_log.log"):
+            path = self.log_dir / name
+            if path.is_file():
+                chunks.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(chunks)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the JVM's process group (workers included), SIGKILL after `grace_s`; idempotent."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=grace_s)
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # stragglers (workers) of the group
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+        if self.metrics_server is not None:
+            server, _thread = self.metrics_server
+            server.shutdown()
+            server.server_close()
+            self.metrics_server = None
+        (self.state / "management.sock").unlink(missing_ok=True)
+
+    def __enter__(self) -> TorchServeHost:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(config: ServeConfig, echo=print) -> int:
+    """Start, print where everything is, block until Ctrl-C/SIGTERM or TorchServe exits; exit code."""
+    host = TorchServeHost(config)
+    stopping = {"signal": None}
+
+    def _on_signal(signum, _frame):
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        echo(f"deepclust serve: starting TorchServe for {config.model_name} ({config.model_file.name}) …")
+        host.start()
+        host.wait_ready()
+        url = f"{config.base_url}/predictions/{config.model_name}"
+        echo(f"ready: POST images to {url}")
+        echo(f"  try: curl --data-binary @cat.jpg {url}")
+        echo(f"  deepclust metrics: http://{_url_host(config.metrics_host)}:{config.metrics_port}/metrics")
+        echo(f"  TorchServe metrics: http://127.0.0.1:{config.torchserve_metrics_port}/metrics")
+        management = f"http://127.0.0.1:{config.management_port}" if config.management == "loopback" else "off"
+        echo(f"  management API: {management}")
+        if config.auth_enabled:
+            echo(f"  token authorization ON: key file {host.key_file} (0600)")
+            echo("  send 'Authorization: Bearer <inference key>' (deepclust predict --key-file …)")
+        else:
+            echo("  token authorization off (every API is bound to loopback)")
+        echo(f"  logs: {host.log_dir}   (Ctrl-C stops)")
+        code = host.process.wait()
+        echo(f"TorchServe exited with code {code}\n{host.log_tail()}")
+        return 1
+    except KeyboardInterrupt:
+        echo("stopping TorchServe …")
+        return 0
+    finally:
+        host.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

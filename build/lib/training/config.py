@@ -1,0 +1,132 @@
+"""Typed configuration (pydantic), loadable from YAML, overridable from the CLI with dotted `key=value` pairs.
+
+A method's own settings live in its config class; `MethodConfig` is the tagged union of all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    dataset: str = "cifar10"
+    root: str | None = None
+    train_split: Literal["train", "test"] = "train"
+    eval_split: Literal["train", "test"] = "test"
+    image_size: int = Field(32, ge=8, le=1024)
+    workers: int = Field(2, ge=0)
+    subset: int | None = Field(None, ge=2, description="train on a fixed random subset (small configs and tests)")
+    eval_subset: int | None = Field(None, ge=2)
+    augment_strength: float = Field(0.5, ge=0.0, le=1.0)
+    min_crop_scale: float = Field(0.08, gt=0.0, le=1.0)
+    augment_on: Literal["loader", "device"] = Field(
+        "loader", description="per-image PIL augmentation in DataLoader workers, or batched on the training device"
+    )
+
+
+class ModelConfig(_Strict):
+    backbone: str = "resnet18"
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    pretrained: bool = True
+    freeze_backbone: bool = False
+    trainable_blocks: int = Field(0, ge=0, description="EfficientNet stages left trainable when frozen")
+    cached_features: bool = Field(False, description="train heads on cached frozen-backbone features")
+    feature_views: int = Field(2, ge=1, description="cached augmented passes per image (cached_features)")
+    k: int = Field(10, ge=2)
+    projection_dim: int = Field(128, ge=2)
+    hidden_dim: int | None = None
+    num_cluster_heads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _cached_needs_frozen(self) -> ModelConfig:
+        if self.cached_features and (not self.freeze_backbone or self.trainable_blocks):
+            raise ValueError("cached_features needs freeze_backbone=true and trainable_blocks=0")
+        return self
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=2)
+    epochs: int = Field(100, ge=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class CCConfig(_Strict):
+    name: Literal["cc"] = "cc"
+    instance_temperature: float = Field(0.5, gt=0)
+    cluster_temperature: float = Field(1.0, gt=0)
+
+
+MethodConfig = Annotated[CCConfig, Field(discriminator="name")]
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = True
+    checkpoint_every: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class TrainConfig(_Strict):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    method: MethodConfig = CCConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-3", "method.name=cces"]` applied to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override must look like key.sub=value, got {item!r}")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a YAML mapping")
+        data = loaded
+    return TrainConfig.model_validate(apply_overrides(data, overrides or []))

@@ -1,0 +1,204 @@
+"""Datasets in a registry: CIFAR-10 (JPEG tars), Fashion-MNIST (idx), sklearn digits, any image folder.
+
+Nothing is downloaded: everything comes from `../shared/data` (or `$DEEPCLUST_DATA`) or from an installed package.
+Labels are for evaluation only; a flat folder has none (label -1).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from training.paths import cache_root, data_root
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+UNLABELLED = -1
+
+
+class ImageDataset(Dataset):
+    """Images as PIL (RGB or L) with integer labels (-1 when unknown) and optional class names."""
+
+    labels: np.ndarray
+    class_names: list[str] | None
+    mode: str  # "RGB" or "L"
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index), int(self.labels[index])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).all()) and len(self) > 0
+
+
+class ArrayDataset(ImageDataset):
+    """Decoded uint8 images held in memory ([N,H,W] grey or [N,H,W,3] RGB): cheap for DataLoader workers."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str] | None) -> None:
+        self.images = images
+        self.labels = labels.astype(np.int64)
+        self.class_names = class_names
+        self.mode = "L" if images.ndim == 3 else "RGB"
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], mode=self.mode)
+
+
+class FolderDataset(ImageDataset):
+    """Files decoded on demand (ImageFolder layout gives labels; a flat folder gives none)."""
+
+    def __init__(self, root: Path) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files = _image_files(root, recursive=False)
+        if class_dirs and not files:
+            self.class_names = [d.name for d in class_dirs]
+            pairs = [(f, i) for i, d in enumerate(class_dirs) for f in _image_files(d, recursive=True)]
+        else:
+            self.class_names = None
+            pairs = [(f, UNLABELLED) for f in _image_files(root, recursive=True)]
+        if not pairs:
+            raise ValueError(f"no images found under {root}")
+        self.root = root
+        self.paths = [p for p, _ in pairs]
+        self.labels = np.array([label for _, label in pairs], dtype=np.int64)
+        self.mode = "RGB"
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+
+def _image_files(root: Path, recursive: bool) -> list[Path]:
+    pattern = root.rglob("*") if recursive else root.glob("*")
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+DatasetFactory = Callable[..., ImageDataset]
+_DATASETS: dict[str, DatasetFactory] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
+    def decorator(factory: DatasetFactory) -> DatasetFactory:
+        _DATASETS[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def create_dataset(name: str, split: str = "train", root: str | Path | None = None) -> ImageDataset:
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
+    if split not in {"train", "test"}:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return _DATASETS[name](split=split, root=root)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+
+def _cifar_arrays(split: str, root: Path) -> _Cached:
+    """Decode the JPEG tar once into a cached .npz (50k JPEGs decode in ~15 s; the cache loads in <1 s)."""
+    tar_path = root / "cifar10" / f"{split}.tar"
+    if not tar_path.exists():
+        raise FileNotFoundError(f"CIFAR-10 {split} tar not found at {tar_path} (set DEEPCLUST_DATA)")
+    digest = hashlib.sha256(f"{tar_path.resolve()}:{tar_path.stat().st_size}".encode()).hexdigest()[:12]
+    cache = cache_root() / "data" / f"cifar10-{split}-{digest}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return _Cached(z["images"], z["labels"], [str(c) for c in z["class_names"]])
+    records: list[tuple[str, str, bytes]] = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            parts = Path(member.name).parts
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            records.append((parts[-2], member.name, handle.read()))
+    records.sort(key=lambda r: r[1])
+    class_names = sorted({r[0] for r in records})
+    index = {c: i for i, c in enumerate(class_names)}
+    import io
+
+    images = np.stack([np.asarray(Image.open(io.BytesIO(r[2])).convert("RGB")) for r in records])
+    labels = np.array([index[r[0]] for r in records], dtype=np.int64)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, labels=labels, class_names=np.array(class_names))
+    tmp.replace(cache)
+    return _Cached(images, labels, class_names)
+
+
+@register_dataset("cifar10")
+def cifar10(split: str, root: str | Path | None = None) -> ImageDataset:
+    cached = _cifar_arrays(split, Path(root) if root else data_root())
+    return ArrayDataset(cached.images, cached.labels, cached.class_names)
+
+
+FASHION_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@register_dataset("fashion_mnist")
+def fashion_mnist(split: str, root: str | Path | None = None) -> ImageDataset:
+    base = (Path(root) if root else data_root()) / "fashion-mnist"
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(base / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(base / f"{prefix}-labels-idx1-ubyte.gz")
+    return ArrayDataset(np.ascontiguousarray(images), labels.astype(np.int64), FASHION_CLASSES)
+
+
+@register_dataset("digits")
+def digits(split: str, root: str | Path | None = None) -> ImageDataset:
+    """sklearn's 1,797 8x8 digits (installed with scikit-learn); a fixed 80/20 split for train/test."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    chosen = order[:cut] if split == "train" else order[cut:]
+    return ArrayDataset(images[chosen], bunch.target[chosen], [str(i) for i in range(10)])
+
+
+@register_dataset("folder")
+def folder(split: str, root: str | Path | None = None) -> ImageDataset:
+    if root is None:
+        raise ValueError("dataset 'folder' needs data.root (an ImageFolder layout or a flat folder of images)")
+    root = Path(root)
+    split_dir = root / split
+    return FolderDataset(split_dir if split_dir.is_dir() else root)

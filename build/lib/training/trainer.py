@@ -1,0 +1,410 @@
+"""The one trainer every method plugs into (torchvision-references style: a plain loop, no framework).
+
+Adam, a configurable schedule, checkpoints every N epochs and at the end, exact resume (model, optimiser, scheduler,
+RNG states, epoch, method state), seeds, a JSON-lines log, evaluation with ACC/NMI/ARI, progress bars. On CUDA:
+bf16 autocast, channels_last, pinned memory; it runs unchanged on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from serving.quality import evaluate_clustering
+from training.config import TrainConfig
+from training.data.datasets import ImageDataset, create_dataset
+from training.data.views import MultiView, eval_transform
+from training.methods.base import Batch, Method, create_method
+from training.models.backbones import create_backbone, freeze
+from training.models.heads import ClusteringModel
+
+log = logging.getLogger("deepclust.train")
+
+CHECKPOINT_LAST = "last.pt"
+CHECKPOINT_FINAL = "final.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig) -> ClusteringModel:
+    m = config.model
+    backbone = create_backbone(m.backbone, pretrained=m.pretrained, stem=m.stem)
+    if m.freeze_backbone:
+        freeze(backbone, m.trainable_blocks)
+    return ClusteringModel(
+        backbone,
+        backbone.feature_dim,
+        m.k,
+        projection_dim=m.projection_dim,
+        num_cluster_heads=m.num_cluster_heads,
+        hidden_dim=m.hidden_dim,
+    )
+
+
+def _subset(dataset: ImageDataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(dataset):
+        return dataset
+    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    subset = Subset(dataset, chosen.tolist())
+    subset.labels = dataset.labels[chosen]  # type: ignore[attr-defined]
+    subset.class_names = dataset.class_names  # type: ignore[attr-defined]
+    return subset
+
+
+class CachedFeatureViews(Dataset):
+    """Views as cached frozen-backbone features: each item pairs two *different* cached passes of one image."""
+
+    def __init__(self, passes: list[np.ndarray], labels: np.ndarray, num_views: int = 2) -> None:
+        self.passes = [torch.from_numpy(p) for p in passes]
+        self.labels = labels
+        self.num_views = num_views
+
+    def __len__(self) -> int:
+        return int(self.passes[0].shape[0])
+
+    def __getitem__(self, index: int) -> tuple:
+        if len(self.passes) >= self.num_views:
+            chosen = random.sample(range(len(self.passes)), self.num_views)
+        else:
+            chosen = [random.randrange(len(self.passes)) for _ in range(self.num_views)]
+        return (*(self.passes[c][index] for c in chosen), int(self.labels[index]), index)
+
+
+@dataclass
+class EvalResult:
+    probabilities: np.ndarray
+    embedding: np.ndarray
+    labels: np.ndarray
+    metrics: dict[str, Any]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.run.device)
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.run.seed)
+        self.model = build_model(config).to(self.device)
+        if config.run.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.method: Method = create_method(config)
+        self.train_set = _subset(
+            create_dataset(config.data.dataset, config.data.train_split, config.data.root),
+            config.data.subset,
+            config.run.seed,
+        )
+        self.eval_set = _subset(
+            create_dataset(config.data.dataset, config.data.eval_split, config.data.root),
+            config.data.eval_subset,
+            config.run.seed + 1,
+        )
+        self.cached = config.model.cached_features
+        self.device_augment = config.data.augment_on == "device" and not self.cached
+        self.batch_views = [v.to(self.device) for v in self.method.batch_views()] if self.device_augment else []
+        self._cached_eval: np.ndarray | None = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.epoch = 0
+        self.log_path = self.run_dir / "log.jsonl"
+
+    # ---------------------------------------------------------------- data
+    def _steps_per_epoch(self) -> int:
+        steps = len(self.train_set) // self.config.optim.batch_size
+        if self.config.run.max_steps_per_epoch:
+            steps = min(steps, self.config.run.max_steps_per_epoch)
+        return max(steps, 1)
+
+    def _lr_factor(self, step: int) -> float:
+        o = self.config.optim
+        warmup = o.warmup_epochs * self.steps_per_epoch
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "cosine":
+            total = max(o.epochs * self.steps_per_epoch - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / total))
+        return 1.0
+
+    def cached_passes(self, dataset: Dataset, split: str, views: list[str]) -> list[np.ndarray]:
+        """Frozen-backbone features of `dataset` under the named views ("clean", "aug0", ...)."""
+        from training.features import frozen_features
+
+        base, index = (dataset.dataset, np.asarray(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
+        d = self.config.data
+        passes = []
+        for view in views:
+            full = frozen_features(
+                self.config.model.backbone,
+                base,
+                f"{d.dataset}:{split}",
+                d.image_size,
+                view,
+                augment_strength=d.augment_strength,
+                min_scale=d.min_crop_scale,
+                workers=d.workers,
+            )
+            passes.append(full if index is None else full[index])
+        return passes
+
+    def train_dataset(self) -> Dataset:
+        if self.cached:
+            views = ["clean", *(f"aug{i}" for i in range(self.config.model.feature_views))]
+            passes = self.cached_passes(self.train_set, self.config.data.train_split, views)
+            return CachedFeatureViews(passes, self.train_set.labels)  # type: ignore[attr-defined]
+        if self.device_augment:
+            return MultiView(self.train_set, [eval_transform(self.config.data.image_size)])
+        return MultiView(self.train_set, self.method.train_views())
+
+    def loader(self, dataset: Dataset, epoch: int, shuffle: bool = True, batch_size: int | None = None) -> DataLoader:
+        # A generator seeded by (seed, epoch) makes every epoch's order and augmentations reproducible, so resuming
+        # at an epoch boundary is exact.
+        generator = torch.Generator().manual_seed(self.config.run.seed * 100_003 + epoch)
+        workers = 0 if self.cached else self.config.data.workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.config.optim.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=workers,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            worker_init_fn=_seed_worker,
+        )
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.cached:
+            return inputs
+        if self.config.run.channels_last and self.device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.model.backbone(inputs)
+
+    def autocast(self) -> torch.autocast:
+        enabled = self.config.run.bf16 and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        self.resume()
+        dataset = self.train_dataset()
+        metrics: dict[str, Any] = {}
+        for epoch in range(self.epoch, self.config.optim.epochs):
+            self.method.on_epoch_start(self, epoch)
+            started = time.perf_counter()
+            losses = self.train_epoch(dataset, epoch)
+            self.epoch = epoch + 1
+            record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.perf_counter() - started, 2), **losses}
+            last = self.epoch == self.config.optim.epochs
+            if last or self.epoch % self.config.run.eval_every == 0:
+                metrics = self.evaluate().metrics
+                record.update({k: metrics[k] for k in ("acc", "nmi", "ari")})
+            self._log(record)
+            if last or self.epoch % self.config.run.checkpoint_every == 0:
+                self.save(CHECKPOINT_LAST)
+        self.save(CHECKPOINT_FINAL)
+        if not metrics:
+            metrics = self.evaluate().metrics
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+    def train_epoch(self, dataset: Dataset, epoch: int) -> dict[str, float]:
+        self.model.train()
+        if self.config.model.freeze_backbone:
+            self.model.backbone.eval()  # frozen BN statistics stay as pretrained
+        totals: dict[str, float] = {}
+        steps = 0
+        bar = tqdm(
+            self.loader(dataset, epoch),
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.config.optim.epochs}",
+            leave=False,
+            mininterval=2,
+        )
+        for *views, labels, indices in bar:
+            views = [v.to(self.device, non_blocking=True) for v in views]
+            if self.device_augment:
+                views = [augment(views[0]) for augment in self.batch_views]
+            with self.autocast():
+                batch = Batch([self.encode(v) for v in views], indices.to(self.device), labels)
+                losses = self.method.loss(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.method.on_step_end(batch)
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+            steps += 1
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+            if steps >= self.steps_per_epoch:
+                break
+        return {key: round(value / max(steps, 1), 5) for key, value in totals.items()}
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def predict(self, dataset: Dataset | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probabilities, embedding, labels) on the evaluation set with the serving pre-processing."""
+        dataset = dataset if dataset is not None else self.eval_set
+        self.model.eval()
+        labels = np.asarray(dataset.labels)  # type: ignore[attr-defined]
+        if self.cached and dataset is self.eval_set:
+            if self._cached_eval is None:
+                self._cached_eval = self.cached_passes(dataset, self.config.data.eval_split, ["clean"])[0]
+            embedding = torch.from_numpy(self._cached_eval).to(self.device)
+            probabilities = torch.cat([self.model.cluster_head(chunk) for chunk in embedding.split(4096)])
+            return probabilities.float().cpu().numpy(), self._cached_eval, labels
+        view = MultiView(dataset, [eval_transform(self.config.data.image_size)])
+        probs, feats = [], []
+        for images, _, _ in self.loader(view, 0, shuffle=False, batch_size=256):
+            with self.autocast():
+                p, h = self.model(images.to(self.device))
+            probs.append(p.float().cpu())
+            feats.append(h.float().cpu())
+        return torch.cat(probs).numpy(), torch.cat(feats).numpy(), labels
+
+    def evaluate(self) -> EvalResult:
+        probabilities, embedding, labels = self.predict()
+        clusters = probabilities.argmax(axis=1)
+        metrics: dict[str, Any] = {
+            "dataset": self.config.data.dataset,
+            "split": self.config.data.eval_split,
+            "n": int(len(clusters)),
+        }
+        if (labels >= 0).all():
+            report = evaluate_clustering(labels, clusters)
+            metrics.update(
+                acc=report.acc,
+                nmi=report.nmi,
+                ari=report.ari,
+                cluster_sizes=report.cluster_sizes,
+                cluster_purity=report.cluster_purity,
+                mapping=report.mapping,
+                confusion=report.confusion,
+            )
+        else:
+            metrics.update(acc=None, nmi=None, ari=None)
+        return EvalResult(probabilities, embedding, labels, metrics)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, name: str) -> Path:
+        state = {
+            "format": 1,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "head_index": self.model.head_index,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": _rng_state(),
+            "config": self.config.model_dump(mode="json"),
+        }
+        path = self.run_dir / name
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: a kill never leaves a torn checkpoint
+        (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+        return path
+
+    def resume(self) -> bool:
+        path = self.run_dir / CHECKPOINT_LAST
+        if not path.exists():
+            (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = state["config"]
+        if saved["model"] != self.config.model.model_dump(mode="json"):
+            raise ValueError(f"{path} was trained with a different model config; use a new run name")
+        self.model.load_state_dict(state["model"])
+        self.model.head_index = int(state.get("head_index", 0))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        _set_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        log.info("resumed %s at epoch %d", path, self.epoch)
+        return True
+
+    def _log(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), "method": self.config.method.name, **record}
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(json.dumps(record))
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[ClusteringModel, TrainConfig, dict]:
+    """Rebuild the model of a checkpoint (weights_only: a checkpoint never executes code when loaded)."""
+    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    config = TrainConfig.model_validate(state["config"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    model.head_index = int(state.get("head_index", 0))
+    model.eval()
+    return model, config, state
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        for name in (CHECKPOINT_FINAL, CHECKPOINT_LAST):
+            if (path / name).exists():
+                return path / name
+        raise FileNotFoundError(f"no checkpoint ({CHECKPOINT_FINAL} or {CHECKPOINT_LAST}) in {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
