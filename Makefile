@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip --disable-pip-version-check
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 
-.PHONY: install install-serve system-deps test lint serve bench clean
+.PHONY: install install-serve system-deps test lint serve model bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: install system-deps
 
 serve: install-serve
 	$(BIN)/deepclust serve
+
+# Rebuild the default served model from the shared CIFAR-10 data (frozen EfficientNet-Lite0 features + CC heads).
+DEFAULT_MODEL := model_store/cifar10-lite0
+model: install
+	$(BIN)/deepclust train -c configs/cifar10_lite0_cc.yaml --out-dir runs
+	$(BIN)/deepclust export runs/cifar10-lite0-cc -o $(DEFAULT_MODEL) --rebuild-command "make model"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

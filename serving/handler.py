@@ -204,7 +204,6 @@ class DeepclustHandler:
     # --------------------------------------------------------------------------------------------------
     # handle
     def handle(self, data: list[dict], context: Any) -> list[list[dict]]:
-        started = time.perf_counter()
         parsed, batch, where = self.preprocess(data, [_body_type(context, idx) for idx in range(len(data))])
         top_k = max((p.top_k for p in parsed), default=0)
         results, inference_seconds = self.inference(batch, top_k) if len(batch) else ([], 0.0)
@@ -213,10 +212,12 @@ class DeepclustHandler:
             context.set_response_content_type(idx, "application/json")
             if parsed_request.request_error is not None:
                 context.set_response_status(400, "Bad Request", idx=idx)
-        self._observe(parsed, responses, len(batch), inference_seconds, time.perf_counter() - started)
+        self._observe(parsed, responses, len(batch), inference_seconds)
         return responses
 
-    def _observe(self, parsed, responses, batch_size, inference_seconds, seconds) -> None:
+    def _observe(self, parsed, responses, batch_size, inference_seconds) -> None:
+        """Per-image and per-batch metrics. Requests and their end-to-end latency are counted by the HTTP front
+        (`serving.front`), which also sees TorchServe's queueing and the requests refused before this handler."""
         m = self.metrics
         if m is None:
             return
@@ -224,22 +225,16 @@ class DeepclustHandler:
             m.inference_duration.observe(inference_seconds)
             m.batch_size.observe(batch_size)
         for p, response in zip(parsed, responses, strict=True):
-            m.request_duration.observe(seconds)
             if p.request_error is not None:
-                m.requests.labels(outcome="bad_request").inc()
                 m.images.labels(outcome="bad_request").inc()
                 continue
-            errors = 0
             for item in response:
                 if "error" in item:
-                    errors += 1
                     m.images.labels(outcome=item["error"]["code"]).inc()
                 else:
                     m.images.labels(outcome="ok").inc()
                     m.cluster_assignments.labels(cluster=str(item["cluster"])).inc()
                     m.confidence.observe(item["confidence"])
-            outcome = "ok" if errors == 0 else ("error" if errors == len(response) else "partial")
-            m.requests.labels(outcome=outcome).inc()
 
 
 def _body_type(context: Any, idx: int) -> str | None:

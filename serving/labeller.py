@@ -75,7 +75,7 @@ class LabelConfig(BaseModel):
     top_k: int = Field(0, ge=0)
     shard: Shard = Shard()
     workers: int = Field(1, ge=0, le=64)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1, le=4096)  # as fast as 64 on CPU here, a third of the RSS
     threads: int = Field(0, ge=0, le=256)
     precision: Literal["fp32", "int8", "fp16"] = "fp32"
     gallery: Path | None = None

@@ -1,27 +1,32 @@
-"""`deepclust serve`: configuration, the `.mar` archive, a generated `config.properties`, and TorchServe in
-the foreground.
+"""`deepclust serve`: configuration, the `.mar` archive, a generated `config.properties`, TorchServe in the
+foreground behind a small HTTP front.
 
-Why we start TorchServe's Java frontend ourselves instead of the `torchserve` launcher: the launcher keeps
-one global
-pid file in /tmp and refuses a second instance on the machine, and it leaves the JVM in our terminal's
-process group.
-We start the JVM in its own session (its Python workers follow), so that Ctrl-C or SIGTERM on `deepclust
-serve` stops
-the whole tree cleanly (SIGTERM, then SIGKILL after a grace period), and several instances (tests, `make
-serve`) can
-run side by side. Each instance gets a private state directory (config, logs, token key file, metrics files)
-and
+Processes and ports (defaults):
+- the HTTP front (`serving.front`, an asyncio thread of this process) on the inference address `host:port`
+  (127.0.0.1:8080): what clients, probes and `curl --data-binary @cat.jpg …/predictions/<model>` talk to. It forwards
+  to TorchServe with keep-alive, turns form-encoded or untyped prediction uploads into `application/octet-stream`
+  (TorchServe would answer those with a 500), enforces `max_request_bytes` (413), `max_header_bytes` (431),
+  `read_timeout_s` / `keepalive_timeout_s`, answers 502 while TorchServe is down, and measures the end-to-end
+  request latency;
+- TorchServe's inference API on an internal loopback port (`backend_port`, a free one by default);
+- our Prometheus metrics (workers' aggregate + the front's) on `metrics_host:metrics_port` (127.0.0.1:8082);
+- TorchServe's own metrics API on 127.0.0.1:`torchserve_metrics_port` (8083).
+Start order: metrics endpoint, front (a busy port fails before the JVM starts), TorchServe; ready once `/ping` and a
+real prediction answer *through the front*. Stop order: front, TorchServe (process group), metrics endpoint.
+
+Why we start TorchServe's Java frontend ourselves instead of the `torchserve` launcher: the launcher keeps one global
+pid file in /tmp and refuses a second instance on the machine, and it leaves the JVM in our terminal's process group.
+We start the JVM in its own session (its Python workers follow), so that Ctrl-C or SIGTERM on `deepclust serve` stops
+the whole tree cleanly (SIGTERM, then SIGKILL after a grace period), and several instances (tests, `make serve`) can
+run side by side. Each instance gets a private state directory (config, logs, token key file, metrics files) and
 private worker socket numbers.
 
-Security defaults: inference on 127.0.0.1; the management API is OFF (bound to a unix socket inside the 0700
-state
-directory, unreachable over TCP — TorchServe 0.12 cannot disable it) or `loopback`; model registration
-through the API
-disabled; `allowed_urls` restricted to our archive directory; TorchServe's gRPC servers (always started by
-0.12) on
-loopback ephemeral ports; token authorization `auto` = off only when every HTTP API is bound to loopback, on
-otherwise
-(the key file is chmod 0600 and its path printed); no per-model pip installs; no config snapshots.
+Security defaults: inference on 127.0.0.1; the management API is OFF (bound to a unix socket inside the 0700 state
+directory, unreachable over TCP — TorchServe 0.12 cannot disable it) or `loopback`; model registration through the API
+disabled; `allowed_urls` restricted to our archive directory; TorchServe's gRPC servers (always started by 0.12) on
+loopback ephemeral ports; token authorization `auto` = off only when the front and the metrics are bound to loopback,
+on otherwise (enforced by TorchServe on the forwarded `Authorization` header; the key file is chmod 0600 and its path
+printed); no per-model pip installs; no config snapshots.
 """
 
 from __future__ import annotations
@@ -93,7 +98,15 @@ class ServeConfig(BaseModel):
     max_batch: int = Field(64, ge=1, description="largest engine batch (images); bigger ones are split")
     max_bytes: int = Field(20 * (1 << 20), ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
-    max_request_bytes: int = Field(100 * (1 << 20), ge=1)
+    max_request_bytes: int = Field(
+        100 * (1 << 20), ge=1, description="largest request body the HTTP front accepts (413 above)"
+    )
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=1 << 20, description="largest request head (431 above)")
+    read_timeout_s: float = Field(30, gt=0, description="time to receive a request head and its body (408)")
+    keepalive_timeout_s: float = Field(75, gt=0, description="idle time before a client connection is closed")
+    backend_port: int = Field(
+        0, ge=0, le=65535, description="TorchServe's internal inference port on 127.0.0.1 (0 = a free one)"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     log_dir: Path | None = None
     startup_timeout_s: float = Field(180, gt=0)
@@ -103,6 +116,8 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServeConfig:
         ports = [self.port, self.metrics_port, self.torchserve_metrics_port]
+        if self.backend_port:
+            ports.append(self.backend_port)
         if self.management == "loopback":
             ports.append(self.management_port)
         if len(set(ports)) != len(ports):
@@ -266,9 +281,10 @@ def _prop_escape(value: str) -> str:
     return value.replace("\\", "\\\\")
 
 
-def render_properties(config: ServeConfig, store: Path, state: Path) -> str:
-    """The generated TorchServe `config.properties` (documented key by key)."""
-    host = _url_host(config.host)
+def render_properties(config: ServeConfig, store: Path, state: Path, backend_port: int | None = None) -> str:
+    """The generated TorchServe `config.properties` (documented key by key). TorchServe's inference API listens on
+    127.0.0.1:`backend_port` only: clients reach it through the HTTP front (`serving.front`) on `config.port`."""
+    backend_port = backend_port or config.backend_port or _free_loopback_port()
     if config.management == "loopback":
         management = f"http://127.0.0.1:{config.management_port}"
     else:
@@ -287,7 +303,7 @@ def render_properties(config: ServeConfig, store: Path, state: Path) -> str:
         }
     }
     props = {
-        "inference_address": f"http://{host}:{config.port}",
+        "inference_address": f"http://127.0.0.1:{backend_port}",
         "management_address": management,
         "metrics_address": f"http://127.0.0.1:{config.torchserve_metrics_port}",
         "grpc_inference_address": "127.0.0.1",
@@ -329,6 +345,8 @@ class TorchServeHost:
         self.handler = handler  # another handler file only for benchmarks (the eager baseline)
         self.process: subprocess.Popen | None = None
         self.metrics_server = None
+        self.front = None
+        self.backend_port = config.backend_port or 0
         self.state = config.cache_dir / "serve" / f"{config.model_name}-{config.port}"
         self.log_dir = config.log_dir or self.state / "logs"
         self.multiproc_dir = self.state / "prometheus-multiproc"
@@ -356,7 +374,8 @@ class TorchServeHost:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.archive_dir = mar.parent
         properties = self.state / "config.properties"
-        properties.write_text(render_properties(self.config, mar.parent, self.state))
+        self.backend_port = self.config.backend_port or _free_loopback_port()
+        properties.write_text(render_properties(self.config, mar.parent, self.state, self.backend_port))
         return properties
 
     def command(self, properties: Path) -> list[str]:
@@ -400,13 +419,25 @@ class TorchServeHost:
         return env
 
     def start(self) -> None:
-        from serving.telemetry import prepare_multiprocess_dir, start_metrics_server
+        """Start order: metrics endpoint, HTTP front (binds the public port: a busy port fails before the JVM
+        starts; it answers 502 until TorchServe is up), then TorchServe."""
+        from serving.front import Front, settings_from
+        from serving.telemetry import (
+            FrontMetrics,
+            multiprocess_registry,
+            prepare_multiprocess_dir,
+            start_metrics_server,
+        )
 
         properties = self.prepare()
         prepare_multiprocess_dir(self.multiproc_dir)
+        registry = multiprocess_registry(self.multiproc_dir)
+        front_metrics = FrontMetrics(registry)
         self.metrics_server = start_metrics_server(
-            self.config.metrics_host, self.config.metrics_port, self.multiproc_dir
+            self.config.metrics_host, self.config.metrics_port, self.multiproc_dir, registry
         )
+        self.front = Front(settings_from(self.config, self.backend_port), front_metrics)
+        self.front.start()
         stdout = open(self.log_dir / "torchserve.out", "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             self.command(properties),
@@ -467,7 +498,11 @@ class TorchServeHost:
         return "\n".join(chunks)
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the JVM's process group (workers included), SIGKILL after `grace_s`; idempotent."""
+        """Stop the front (no new requests), SIGTERM the JVM's process group (workers included), SIGKILL after
+        `grace_s`, stop the metrics endpoint; idempotent."""
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -517,6 +552,7 @@ def serve_forever(config: ServeConfig, echo=print) -> int:
         echo(f"  try: curl --data-binary @cat.jpg {url}")
         echo(f"  deepclust metrics: http://{_url_host(config.metrics_host)}:{config.metrics_port}/metrics")
         echo(f"  TorchServe metrics: http://127.0.0.1:{config.torchserve_metrics_port}/metrics")
+        echo(f"  TorchServe inference API (internal, behind the front): http://127.0.0.1:{host.backend_port}")
         management = f"http://127.0.0.1:{config.management_port}" if config.management == "loopback" else "off"
         echo(f"  management API: {management}")
         if config.auth_enabled:

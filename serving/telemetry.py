@@ -1,18 +1,15 @@
-"""Prometheus metrics of the service (DESIGN.md section 4), shared by every TorchServe worker.
+"""Prometheus metrics of the service (DESIGN.md section 4), all served on one port by `deepclust serve`.
 
-Why our own metrics: TorchServe's metrics have no histograms. We use prometheus-client in *multiprocess
-mode*: the
-`deepclust serve` parent creates an empty directory and passes it as `PROMETHEUS_MULTIPROC_DIR` to
-TorchServe, whose
-workers inherit it; each worker writes its samples to memory-mapped files there, and the parent serves the
-aggregate
-on the metrics port (default `127.0.0.1:8082/metrics`). Without that variable (a bare engine in a notebook,
-unit
-tests) the same metrics live in an ordinary per-process registry.
+Why our own metrics: TorchServe's metrics have no histograms. We use prometheus-client in *multiprocess mode*: the
+`deepclust serve` parent creates an empty directory and passes it as `PROMETHEUS_MULTIPROC_DIR` to TorchServe, whose
+workers inherit it; each worker writes its samples (`ServiceMetrics`: images, inference time, batch size, clusters,
+confidence, model info) to memory-mapped files there. The parent's HTTP front (`serving.front`) measures what only it
+sees (`FrontMetrics`: requests by outcome and their end-to-end latency) in an ordinary registry, and the parent serves
+both in one registry on the metrics port (default `127.0.0.1:8082/metrics`). Without the multiprocess variable (a bare
+engine in a notebook, unit tests) the workers' metrics live in an ordinary per-process registry.
 
 Conventions: base units (seconds), `_total` counters, low cardinality (`outcome` is `ok` or an error code,
-`cluster`
-is bounded by K).
+`cluster` is bounded by K).
 """
 
 from __future__ import annotations
@@ -29,28 +26,47 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
+class FrontMetrics:
+    """What only the HTTP front sees (`serving.front`): every prediction request end to end, TorchServe's queueing
+    and batching delay included, and requests TorchServe or the front refuse before the handler runs.
+
+    Lives in the `deepclust serve` parent, in the same registry (and port) as the workers' aggregated metrics."""
+
+    OUTCOMES = (
+        "ok, partial, error (per-image errors in a 200 answer), bad_request, too_large, timeout, unauthorized, "
+        "not_found, unavailable, backend_unavailable, server_error"
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "deepclust_requests",
+            f"Prediction requests by outcome ({self.OUTCOMES}).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "deepclust_request_duration_seconds",
+            "End-to-end time per prediction request at the HTTP front: request head received to answer sent.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, seconds: float, outcome: str) -> None:
+        self.request_duration.observe(seconds)
+        self.requests.labels(outcome=outcome).inc()
+
+
 class ServiceMetrics:
-    """The service metrics, registered once per process (`ServiceMetrics.get()`)."""
+    """The TorchServe workers' metrics (one set per process, `ServiceMetrics.get()`); the per-request ones are
+    in `FrontMetrics`."""
 
     _instance: ServiceMetrics | None = None
     _lock = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kwargs = {"registry": registry} if registry is not None else {}
-        self.requests = Counter(
-            "deepclust_requests",
-            "Prediction requests by outcome (ok, partial, error, bad_request).",
-            ["outcome"],
-            **kwargs,
-        )
         self.images = Counter(
             "deepclust_images", "Images by outcome (ok or the per-image error code).", ["outcome"], **kwargs
-        )
-        self.request_duration = Histogram(
-            "deepclust_request_duration_seconds",
-            "Time in the handler per request: decode, inference and response of its server-side batch.",
-            buckets=LATENCY_BUCKETS,
-            **kwargs,
         )
         self.inference_duration = Histogram(
             "deepclust_inference_duration_seconds",
@@ -112,8 +128,10 @@ def multiprocess_registry(path: str | Path) -> CollectorRegistry:
     return registry
 
 
-def start_metrics_server(host: str, port: int, multiproc_dir: str | Path):
-    """Serve the aggregated metrics on `host:port` in a daemon thread; returns (server, thread)."""
+def start_metrics_server(host: str, port: int, multiproc_dir: str | Path, registry: CollectorRegistry | None = None):
+    """Serve the workers' aggregated metrics (plus `registry`'s own, e.g. the front's) on `host:port` in a daemon
+    thread; returns (server, thread). Pass the registry `multiprocess_registry()` returned to add metrics to it."""
     from prometheus_client import start_http_server
 
-    return start_http_server(port, addr=host, registry=multiprocess_registry(multiproc_dir))
+    registry = registry if registry is not None else multiprocess_registry(multiproc_dir)
+    return start_http_server(port, addr=host, registry=registry)

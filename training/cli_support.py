@@ -7,7 +7,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,11 +30,9 @@ def configure_logging() -> None:
     logging.basicConfig(level=os.environ.get("DEEPCLUST_LOG_LEVEL", "INFO"), handlers=[handler], force=True)
 
 
-def run_train(config_path: Path | None, overrides: list[str]) -> dict[str, Any]:
-    from training.config import load_config
+def run_train(config: TrainConfig) -> dict[str, Any]:
     from training.trainer import Trainer
 
-    config = load_config(config_path, overrides)
     trainer = Trainer(config)
     metrics = trainer.fit()
     return {**metrics, "run_dir": str(trainer.run_dir)}

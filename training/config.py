@@ -69,7 +69,60 @@ class CCConfig(_Strict):
     cluster_temperature: float = Field(1.0, gt=0)
 
 
-MethodConfig = Annotated[CCConfig, Field(discriminator="name")]
+class SCANConfig(_Strict):
+    """SCAN (Van Gansbeke et al., ECCV 2020): pretext -> mine -> scan -> selflabel, each stage its own artifact.
+
+    The number of cluster heads trained at once is `model.num_cluster_heads` (one place, so every stage's checkpoint
+    has the same model). `stage` is set by the pipeline for each stage's trainer; users leave it alone.
+    """
+
+    name: Literal["scan"] = "scan"
+    stage: Literal["pretext", "scan", "selflabel"] = "scan"
+    pretext: Literal["auto", "simclr", "skip"] = Field(
+        "auto", description="auto: SimCLR unless the backbone is pretrained and frozen"
+    )
+    pretext_temperature: float = Field(0.1, gt=0)
+    pretext_epochs: int = Field(100, ge=1)
+    pretext_lr: float = Field(1e-3, gt=0)
+    neighbours: int = Field(20, ge=1, description="top-k cosine neighbours mined per sample")
+    mine_on: Literal["auto", "backbone", "projection"] = Field(
+        "auto", description="auto: backbone features when pretext is skipped, else the SimCLR projection"
+    )
+    entropy_weight: float = Field(5.0, ge=0, description="lambda of the -H(mean p) term")
+    scan_epochs: int = Field(50, ge=1)
+    scan_lr: float = Field(1e-4, gt=0)
+    selflabel_epochs: int = Field(50, ge=0, description="0 skips self-labelling")
+    selflabel_lr: float = Field(1e-4, gt=0)
+    selflabel_threshold: float = Field(0.99, gt=0, lt=1)
+    selflabel_strong_views: list[str] = Field(
+        default_factory=lambda: ["strong0"],
+        description="cached passes used as the strong view (strongI = RandAugment+Cutout, augI = CC augmentation)",
+    )
+    cutout_fraction: float = Field(0.5, ge=0, le=1, description="Cutout square side as a fraction of the image")
+    collapse_share: float = Field(
+        0.5, gt=0, le=1, description="self-labelling stops when one cluster takes more than this share of samples"
+    )
+
+
+class CCESConfig(_Strict):
+    """CCES (contrastive clustering with effective sample pairs): CC + ContrastiveCrop + nearest neighbours from a
+    FIFO support set of backbone features. `nn=none, ccrop=false` is CC (with these temperatures)."""
+
+    name: Literal["cces"] = "cces"
+    instance_temperature: float = Field(0.2, gt=0, description="tau_R")
+    cluster_temperature: float = Field(1.0, gt=0, description="tau_C")
+    nn: Literal["none", "single", "double"] = Field(
+        "double", description="neighbour positives: none, view 1 only, or both views (symmetric)"
+    )
+    ccrop: bool = Field(True, description="ContrastiveCrop boxes from heat maps instead of plain RandomResizedCrop")
+    queue_size: int = Field(65_536, ge=1, description="support set size h")
+    warmup_epochs: int = Field(20, ge=0, description="epochs of plain RandomResizedCrop before the first boxes")
+    update_every: int = Field(20, ge=1, description="epochs between box updates (trained backbones)")
+    box_threshold: float = Field(0.1, ge=0, lt=1, description="heat-map threshold of the box")
+    beta_alpha: float = Field(0.6, gt=0, description="Beta(alpha, alpha) of the crop centre inside the box")
+
+
+MethodConfig = Annotated[CCConfig | CCESConfig | SCANConfig, Field(discriminator="name")]
 
 
 class RunConfig(_Strict):

@@ -16,6 +16,9 @@ def command(
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="FP16 variant for GPUs")] = False,
     parity_images: Annotated[int, typer.Option(min=1, help="evaluation images for the torch/ONNX parity check")] = 1000,
     calibration_images: Annotated[int, typer.Option(min=1, help="training images for INT8 calibration")] = 512,
+    rebuild_command: Annotated[
+        str | None, typer.Option(help="command recorded in model.json to rebuild this model (default: this export)")
+    ] = None,
     eval_limit: Annotated[
         int | None, typer.Option(min=1, help="evaluate on a fixed random subset of the evaluation split")
     ] = None,
@@ -34,6 +37,7 @@ def command(
             parity_images=parity_images,
             calibration_images=calibration_images,
             eval_limit=eval_limit,
+            rebuild_command=rebuild_command,
         )
     except (ExportError, FileNotFoundError, ValueError) as error:
         typer.echo(f"export failed: {error}", err=True)

@@ -11,7 +11,14 @@ import typer
 
 def command(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults apply where omitted")
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            exists=True,
+            dir_okay=False,
+            help="YAML config (see configs/); defaults apply where omitted",
+        ),
     ] = None,
     method: Annotated[str | None, typer.Option(help="method name: cc | cces | scan (overrides method.name)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (run.name): the run directory is out_dir/name")] = None,
@@ -31,5 +38,14 @@ def command(
         extra.append(f"run.name={name}")
     if out_dir:
         extra.append(f"run.out_dir={out_dir}")
-    metrics = run_train(config, extra)
+    from pydantic import ValidationError
+
+    from training.config import load_config
+
+    try:
+        train_config = load_config(config, extra)
+    except (ValidationError, ValueError) as error:
+        typer.echo(f"bad configuration: {error}", err=True)
+        raise typer.Exit(2) from error
+    metrics = run_train(train_config)
     typer.echo(json.dumps({k: metrics.get(k) for k in ("acc", "nmi", "ari", "n", "run_dir")}))

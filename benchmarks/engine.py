@@ -1,0 +1,107 @@
+"""Inference speed on this CPU: torch eager vs onnxruntime FP32 vs onnxruntime INT8, in one run.
+
+    python benchmarks/engine.py --run runs/cifar10-lite0-cc --model model_store/cifar10-lite0
+
+Torch eager runs in its best configuration measured here (NOTES.md: glibc malloc tuned, inference_mode); the
+script re-executes itself with that environment when it is missing, so the baseline is never the slow default.
+All runtimes see the same real CIFAR-10 test images (uint8, serving pre-processing) and the same thread count.
+Rows: `{runtime, batch, images_per_s, agreement, commit, machine}` in `benchmarks/results/engine.json`; agreement is
+the argmax agreement with torch eager on all benchmark images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+
+
+def throughput(predict, images: np.ndarray, batch: int, min_seconds: float, min_images: int) -> float:
+    """Images per second of `predict` on consecutive batches, after one warm-up batch."""
+    predict(images[:batch])
+    done, started, i = 0, time.perf_counter(), 0
+    while True:
+        start = (i * batch) % max(len(images) - batch + 1, 1)
+        predict(images[start : start + batch])
+        done += batch
+        i += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and done >= min_images:
+            return done / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "cifar10-lite0-cc", help="training run (torch)")
+    parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--images", type=int, default=512, help="real test images used (and for agreement)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--min-seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from serving.engine import Engine
+    from training.data.datasets import create_dataset
+    from training.export import ServingGraph, uint8_images
+    from training.trainer import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    model, config, _ = load_checkpoint(args.run)
+    graph = ServingGraph(model).eval()
+    data = create_dataset(config.data.dataset, config.data.eval_split, config.data.root)
+    index = np.random.default_rng(0).choice(len(data), size=args.images, replace=False)
+    images = uint8_images(data, config.data.image_size, np.sort(index))
+
+    def eager(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return graph(torch.from_numpy(batch))[0].numpy()
+
+    runtimes = {"torch_eager": eager}
+    for name, filename in (("ort_fp32", "model.onnx"), ("ort_int8", "model.int8.onnx")):
+        if (args.model / filename).exists():
+            engine = Engine(args.model / filename, providers=["cpu"], intra_op_threads=args.threads, max_batch=256)
+            runtimes[name] = lambda batch, engine=engine: engine.run(batch).probabilities
+
+    reference = np.concatenate([eager(images[i : i + 64]) for i in range(0, len(images), 64)]).argmax(1)
+    rows = []
+    for name, predict in runtimes.items():
+        full = np.concatenate([predict(images[i : i + 64]) for i in range(0, len(images), 64)])
+        agreement = float((full.argmax(1) == reference).mean())
+        for batch in args.batches:
+            ips = throughput(predict, images, batch, args.min_seconds, min_images=2 * batch)
+            row = {"runtime": name, "batch": batch, "images_per_s": round(ips, 1), "agreement": round(agreement, 4)}
+            rows.append({**row, "threads": args.threads, **provenance()})
+            print(json.dumps(rows[-1]), flush=True)
+
+    by = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows}
+    for r in rows:
+        base = by.get(("torch_eager", r["batch"]))
+        fp32 = by.get(("ort_fp32", r["batch"]))
+        r["vs_eager"] = round(r["images_per_s"] / base, 2) if base else None
+        r["vs_fp32"] = round(r["images_per_s"] / fp32, 2) if fp32 else None
+    command = "python benchmarks/engine.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for r in rows:
+        r["command"] = command
+    write_rows("engine", rows)
+    print_table(rows, ["runtime", "batch", "images_per_s", "vs_eager", "vs_fp32", "agreement"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

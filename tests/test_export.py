@@ -1,0 +1,128 @@
+"""Export: ONNX contract, metadata, parity with torch (and a broken graph that must fail it), variants, card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from deepclust.cli import app
+from serving.engine import Engine
+from serving.schemas import ModelCard, sha256_file
+from training.config import load_config
+from training.data.datasets import create_dataset
+from training.export import (
+    PARITY_MAX_ABS,
+    ExportError,
+    check_parity,
+    export_checkpoint,
+    require_parity,
+    uint8_images,
+)
+from training.trainer import Trainer, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    config = load_config(
+        REPO / "configs" / "digits_cc_tiny.yaml", [f"run.out_dir={out}", "optim.epochs=1", "run.max_steps_per_epoch=4"]
+    )
+    trainer = Trainer(config)
+    trainer.fit()
+    return trainer.run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "digits-tiny"
+    export_checkpoint(trained_run, out, variants=("fp16",), parity_images=360)
+    return out
+
+
+def test_graph_contract_and_metadata(exported: Path) -> None:
+    proto = onnx.load(str(exported / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    (inp,) = proto.graph.input
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [8, 8, 3]  # dynamic N, fixed H, W, RGB
+    outputs = {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}
+    assert outputs == {
+        "probabilities": onnx.TensorProto.FLOAT,
+        "cluster": onnx.TensorProto.INT64,
+        "embedding": onnx.TensorProto.FLOAT,
+    }
+    props = {p.key: p.value for p in proto.metadata_props}
+    for key in ("method", "k", "input_size", "backbone", "class_names", "metrics", "reference", "source_sha256",
+                "config_sha256", "created_at", "exporter"):  # fmt: skip
+        assert f"deepclust.{key}" in props, key
+    engine = Engine(exported / "model.onnx", warmup=False)
+    meta = engine.metadata
+    assert meta.k == 10 and meta.input_size == 8 and meta.method == "cc" and len(meta.class_names) == 10
+    assert len(meta.reference["cluster_hist"]) == 10
+    assert meta.metrics["dataset"] == "digits" and meta.metrics["n"] == 360
+    assert 0.0 <= meta.metrics["acc"] <= 1.0
+
+
+def test_served_assignments_equal_torch_on_real_images(exported: Path, trained_run: Path) -> None:
+    import torch
+
+    model, _, _ = load_checkpoint(trained_run / "final.pt")
+    images = uint8_images(create_dataset("digits", "test"), 8)
+    with torch.inference_mode():
+        eager = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0].numpy()
+    served = Engine(exported / "model.onnx", warmup=False).run(images)
+    assert np.abs(served.probabilities - eager).max() <= PARITY_MAX_ABS
+    assert (served.cluster == eager.argmax(1)).all()
+    assert served.embedding.shape == (len(images), 128)
+
+
+def test_card_matches_files(exported: Path) -> None:
+    card = ModelCard.load(exported)
+    assert set(card.files) == {"model.onnx", "model.fp16.onnx"}
+    for name, entry in card.files.items():
+        assert entry.sha256 == sha256_file(exported / name)
+        card.verify_file(exported / name)
+    assert card.files["model.fp16.onnx"].precision == "fp16"
+    assert card.rebuild_command and "deepclust export" in card.rebuild_command
+    assert card.parity["agreement"] == 1.0
+
+
+def test_fp16_variant_keeps_io_types_and_agrees(exported: Path) -> None:
+    engine = Engine(exported / "model.fp16.onnx", warmup=False)
+    images = uint8_images(create_dataset("digits", "test"), 8)[:200]
+    out = engine.run(images)
+    ref = Engine(exported / "model.onnx", warmup=False).run(images)
+    assert out.probabilities.dtype == np.float32 and out.cluster.dtype == np.int64
+    assert np.abs(out.probabilities - ref.probabilities).max() < 5e-3
+
+
+def test_broken_graph_fails_parity(exported: Path, trained_run: Path, tmp_path: Path) -> None:
+    """Perturb one weight of the exported graph: the parity check must catch it and refuse."""
+    proto = onnx.load(str(exported / "model.onnx"))
+    biggest = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    weights = onnx.numpy_helper.to_array(biggest).copy()
+    weights *= 1.5
+    biggest.CopyFrom(onnx.numpy_helper.from_array(weights, biggest.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    model, _, _ = load_checkpoint(trained_run / "final.pt")
+    images = uint8_images(create_dataset("digits", "test"), 8)
+    parity = check_parity(model, broken, images)
+    assert not parity.ok()
+    with pytest.raises(ExportError, match="parity check failed"):
+        require_parity(parity, "broken.onnx")
+    good = check_parity(model, exported / "model.onnx", images)
+    assert good.ok() and good.n == len(images)
+
+
+def test_export_cli_fails_loudly_on_missing_checkpoint(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "export failed" in result.output
