@@ -6,12 +6,15 @@ the batch size): the ceiling the service should approach. Target: service >= 0.8
 
     .venv/bin/python benchmarks/serve_load.py                   # default model, a few minutes
     .venv/bin/python benchmarks/serve_load.py --seconds 5 --concurrency 1 8
+`service` rows go through the HTTP front of `deepclust serve` (serving/front.py), as every client does; `--direct`
+adds `torchserve_direct` rows on TorchServe's internal port (same server, no front) to show the front's overhead.
 Writes benchmarks/results/serve_load.json (rows: target, concurrency, images_per_s, p50_ms, p99_ms, errors, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tarfile
@@ -95,7 +98,7 @@ def bench_engine(model_file: Path, images: list[bytes], batches: list[int], seco
     return rows
 
 
-def run_level(host: TorchServeHost, token, images, concurrency: int, seconds: float):
+def run_level(base_url: str, model_name: str, token, images, concurrency: int, seconds: float):
     """`concurrency` closed-loop clients for `seconds`: (latencies, good images, errors, elapsed)."""
     latencies: list[float] = []
     counters = {"images": 0, "errors": 0}
@@ -104,7 +107,7 @@ def run_level(host: TorchServeHost, token, images, concurrency: int, seconds: fl
 
     def worker(offset: int) -> None:
         local, ok, bad, i = [], 0, 0, offset
-        with Client(host.config.base_url, host.config.model_name, token=token) as client:
+        with Client(base_url, model_name, token=token) as client:
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
                 try:
@@ -128,14 +131,18 @@ def run_level(host: TorchServeHost, token, images, concurrency: int, seconds: fl
     return latencies, counters["images"], counters["errors"], time.perf_counter() - start
 
 
-def bench_http(target, host: TorchServeHost, images, levels, seconds) -> list[dict]:
+def bench_http(target, host: TorchServeHost, images, levels, seconds, base_url: str | None = None) -> list[dict]:
+    """Through the HTTP front (`base_url` None) or straight to TorchServe's internal port (`base_url` given)."""
     rows = []
-    token = host.inference_token()
-    run_level(host, token, images, max(levels), min(3.0, seconds))  # warm-up, not recorded
-    for concurrency in levels:
-        latencies, good, errors, elapsed = run_level(host, token, images, concurrency, seconds)
-        rows.append(summarise(target, concurrency, latencies, good, errors, elapsed))
-        print(rows[-1], flush=True)
+    args = (base_url or host.config.base_url, host.config.model_name, host.inference_token(), images)
+    # The clients run in their own process: the front is a thread of the process that started the host (here, this
+    # one), and client threads sharing its GIL would slow it down as no real client does.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(run_level, (*args, max(levels), min(3.0, seconds)))  # warm-up, not recorded
+        for concurrency in levels:
+            latencies, good, errors, elapsed = pool.apply(run_level, (*args, concurrency, seconds))
+            rows.append(summarise(target, concurrency, latencies, good, errors, elapsed))
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -150,6 +157,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="TorchServe server-side batch")
     parser.add_argument("--max-batch-delay-ms", type=int, default=5)
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="also load TorchServe's internal port directly (target torchserve_direct): the HTTP front's overhead",
+    )
     args = parser.parse_args()
 
     images = load_images(args.images)
@@ -173,6 +185,9 @@ def main() -> None:
     rows += bench_engine(first.model_file, images, args.batches, args.seconds)
     with TorchServeHost(first) as host:
         rows += bench_http("service", host, images, args.concurrency, args.seconds)
+        if args.direct:
+            direct = f"http://127.0.0.1:{host.backend_port}"
+            rows += bench_http("torchserve_direct", host, images, args.concurrency, args.seconds, direct)
     if not args.skip_eager:
         with TorchServeHost(config(), handler=ROOT / "benchmarks" / "eager_handler.py") as host:
             rows += bench_http("eager_handler", host, images, args.concurrency, args.seconds)

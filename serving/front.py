@@ -149,6 +149,15 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+class _ResetTolerantProtocol(asyncio.StreamReaderProtocol):
+    """TorchServe closes the connection with a TCP reset after some answers (its 4xx ones carry `connection:
+    close`). asyncio would then make every read raise, even of the complete answer already buffered; here a reset
+    is an end of stream, so the buffered answer is still read and a truncated one still fails."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(None)
+
+
 class _Backend:
     """A pool of keep-alive connections to TorchServe's inference API."""
 
@@ -163,8 +172,13 @@ class _Backend:
             if not writer.is_closing() and not reader.at_eof():
                 return reader, writer, True
             writer.close()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
         try:
-            reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 16)
+            transport, protocol = await loop.create_connection(
+                lambda: _ResetTolerantProtocol(reader, loop=loop), self.host, self.port
+            )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         except OSError as exc:
             raise BackendError(f"TorchServe is not reachable at {self.host}:{self.port}: {exc}") from exc
         _nodelay(writer)
@@ -304,9 +318,8 @@ class Front:
             keep_alive = await self._forward(request, writer)
         except HttpError as exc:
             writer.write(error_response(exc.status, exc.code, exc.message))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
             self._observe(request, exc.status, None, started, fallback=exc.code)
+            await _lingering_close(reader, writer)
             return False
         except BackendError as exc:
             keep = request.keep_alive if request else False
@@ -402,9 +415,8 @@ class Front:
             try:
                 backend_writer.write(message)
                 await backend_writer.drain()
-                status_line = await asyncio.wait_for(
-                    reader.readuntil(b"\r\n\r\n"), self.settings.backend_timeout_s
-                )
+                async with asyncio.timeout(self.settings.backend_timeout_s):  # a timer, not a task per read
+                    status_line = await reader.readuntil(b"\r\n\r\n")
                 break
             except TimeoutError as exc:
                 backend_writer.close()
@@ -445,7 +457,8 @@ class Front:
             elif length is not None:
                 n = int(length)
                 if n <= 1 << 20:
-                    body_for_metrics = await asyncio.wait_for(reader.readexactly(n), self.settings.backend_timeout_s)
+                    async with asyncio.timeout(self.settings.backend_timeout_s):
+                        body_for_metrics = await reader.readexactly(n)
                     writer.write(response_head + body_for_metrics)
                 else:
                     writer.write(response_head)
@@ -516,9 +529,23 @@ def _raw_upload_content_type(request: Request) -> None:
         request.headers.append((b"content-type", OCTET_STREAM))
 
 
+async def _lingering_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 2.0) -> None:
+    """Send what is buffered, half-close, and discard what the client still sends (the rest of a refused body) for
+    a moment: closing with unread input would reset the connection and could destroy our answer before the client
+    reads it (the lingering close of nginx and Apache)."""
+    with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(seconds):
+            while await reader.read(STREAM_CHUNK):
+                pass
+
+
 async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, timeout: float) -> None:
     while n > 0:
-        chunk = await asyncio.wait_for(reader.read(min(n, STREAM_CHUNK)), timeout)
+        async with asyncio.timeout(timeout):
+            chunk = await reader.read(min(n, STREAM_CHUNK))
         if not chunk:
             raise asyncio.IncompleteReadError(b"", n)
         writer.write(chunk)
@@ -553,4 +580,3 @@ def settings_from(config, backend_port: int) -> FrontSettings:
         keepalive_timeout_s=config.keepalive_timeout_s,
         backend_timeout_s=config.response_timeout_s + 10,
     )
-

@@ -470,9 +470,10 @@ class TorchServeHost:
         raise TimeoutError(f"TorchServe not ready after {self.config.startup_timeout_s}s:\n{self.log_tail()}")
 
     def _model_answers(self) -> bool:
-        """Healthy /ping only says the frontend is up: the model is ready once it judges a real request."""
+        """Healthy /ping only says the frontend is up: the model is ready once it judges a real request. Sent to
+        TorchServe's internal port so that it does not show up in the front's request metrics."""
         request = urllib.request.Request(  # noqa: S310 - our own http URL
-            f"{self.config.base_url}/predictions/{self.config.model_name}",
+            f"http://127.0.0.1:{self.backend_port}/predictions/{self.config.model_name}",
             data=b"{}",
             method="POST",
             headers={"Content-Type": "application/json", **self.auth_headers()},

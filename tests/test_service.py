@@ -41,6 +41,7 @@ def service(model_dir, tmp_path_factory):
         batch_size=8,
         max_batch_delay_ms=50,
         startup_timeout_s=240,
+        max_request_bytes=1 << 20,
     )
     host = TorchServeHost(config)
     try:
@@ -254,7 +255,9 @@ def test_management_api_is_off_and_defaults_are_loopback(service):
     properties = (service.state / "config.properties").read_text()
     assert "management_address=unix:" in properties
     assert "enable_model_api=false" in properties and "install_py_dep_per_model=false" in properties
-    assert f"inference_address=http://127.0.0.1:{config.port}" in properties
+    # TorchServe's inference API is internal (loopback, its own port); clients talk to the front on config.port
+    assert f"inference_address=http://127.0.0.1:{service.backend_port}" in properties
+    assert service.backend_port != config.port
     assert "disable_token_authorization=true" in properties  # auto: every API on loopback
     # the management endpoints are not served on the inference port either
     assert requests.get(f"{config.base_url}/models", timeout=10).status_code in (400, 404, 405)
@@ -265,6 +268,92 @@ def test_management_api_is_off_and_defaults_are_loopback(service):
         .read()
         .decode()
     )
+
+
+# --- the HTTP front (serving.front) in front of the real TorchServe ---------------------------------------------
+CURL = shutil.which("curl")
+
+
+def _curl(*args, stdin=None):
+    if CURL is None:
+        pytest.skip("curl not installed")
+    run = subprocess.run([CURL, "-sS", *args], input=stdin, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr.decode()
+    return run.stdout.decode()
+
+
+def _cat_jpg(cifar_test_dir, tmp_path):
+    cat = tmp_path / "cat.jpg"
+    cat.write_bytes(sorted((cifar_test_dir / "cat").glob("*.jpg"))[0].read_bytes())
+    return cat
+
+
+def test_plain_curl_data_binary_returns_a_cluster_id(service, url, cifar_test_dir, tmp_path):
+    """The issue's acceptance command, verbatim: curl sends application/x-www-form-urlencoded."""
+    cat = _cat_jpg(cifar_test_dir, tmp_path)
+    body = json.loads(_curl("--data-binary", f"@{cat}", url))
+    assert isinstance(body, list) and len(body) == 1
+    _check_assignment(body[0], service_k(service))
+    # TorchServe alone (its internal port) answers the same command with a 500: the front is what makes it work
+    direct = f"http://127.0.0.1:{service.backend_port}/predictions/{service.config.model_name}"
+    assert _curl("-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"@{cat}", direct) == "500"
+
+
+def test_chunked_upload_from_stdin(service, url, cifar_test_dir, tmp_path):
+    cat = _cat_jpg(cifar_test_dir, tmp_path)
+    single = json.loads(_curl("--data-binary", f"@{cat}", url))[0]
+    chunked = json.loads(_curl("-H", "Transfer-Encoding: chunked", "--data-binary", "@-", url, stdin=cat.read_bytes()))
+    assert chunked[0]["cluster"] == single["cluster"]
+    piped = json.loads(_curl("-X", "POST", "-T", "-", url, stdin=cat.read_bytes()))
+    assert piped[0]["cluster"] == single["cluster"]
+
+
+def test_oversize_body_is_413_and_the_service_keeps_answering(service, url, images):
+    too_big = b"\xff\xd8" + b"\0" * (service.config.max_request_bytes + 1)
+    response = requests.post(url, data=too_big, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
+    assert requests.post(url, data=images[0], timeout=30).status_code == 200
+
+
+def test_keep_alive_several_requests_on_one_connection(service, url, images):
+    with requests.Session() as session:
+        answers = [session.post(url, data=img, timeout=30) for img in images[:4]]
+        assert all(a.status_code == 200 and "cluster" in a.json()[0] for a in answers)
+        assert all(a.headers.get("Connection") == "keep-alive" for a in answers)
+        ping = session.get(f"{service.config.base_url}/ping", timeout=10)
+        assert ping.json()["status"] == "Healthy"
+    with Client(service.config.base_url, service.config.model_name) as client:
+        for img in images[:3]:
+            assert client.post(img, "image/jpeg")[0] == 200
+        local = client._conn.sock.getsockname()
+        assert client.post(images[3], "image/jpeg")[0] == 200 and client._conn.sock.getsockname() == local
+
+
+def _sample(text, name, labels=""):
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_end_to_end_latency_histogram_counts_every_prediction_request(service, url, images):
+    metrics_url = f"http://127.0.0.1:{service.config.metrics_port}/metrics"
+    before = requests.get(metrics_url, timeout=10).text
+    for img in images[:3]:
+        assert requests.post(url, data=img, timeout=30).status_code == 200
+    assert requests.post(url, data=b"{", headers={"Content-Type": "application/json"}, timeout=30).status_code == 400
+    requests.get(f"{service.config.base_url}/ping", timeout=10)  # not a prediction: not counted
+    after = requests.get(metrics_url, timeout=10).text
+    count = "deepclust_request_duration_seconds_count"
+    assert _sample(after, count) - _sample(before, count) == 4
+    ok = ("deepclust_requests_total", '{outcome="ok"}')
+    bad = ("deepclust_requests_total", '{outcome="bad_request"}')
+    assert _sample(after, *ok) - _sample(before, *ok) == 3
+    assert _sample(after, *bad) - _sample(before, *bad) == 1
+    # end to end >= the handler's inference time for the same requests
+    seconds = "deepclust_request_duration_seconds_sum"
+    assert _sample(after, seconds) > _sample(before, seconds)
+    assert after.count("# TYPE deepclust_request_duration_seconds histogram") == 1
 
 
 def test_token_auth_auto_turns_on_off_loopback(tmp_path, tiny_model_dir):

@@ -1,4 +1,7 @@
-"""`deepclust serve`: serve a model from the store with TorchServe (what `make serve` runs).
+"""`deepclust serve`: serve a model from the store with TorchServe behind a small HTTP front (what `make serve` runs).
+
+The front (serving/front.py) owns the inference port: plain `curl --data-binary @cat.jpg http://127.0.0.1:8080/
+predictions/cifar10-lite0` works, bodies above `--max-request-bytes` get a 413, and it measures end-to-end latency.
 
 Settings come from an optional YAML file (`--config`, keys of `serving.server.ServeConfig`, optionally under a
 `serve:` key) and the options below override it. The implementation is imported lazily (no torch needed).
@@ -44,6 +47,9 @@ def command(
         None, "--max-batch-delay-ms", help="Server-side batch delay (default 10)."
     ),
     intra_op_threads: int = typer.Option(None, "--threads", help="onnxruntime threads per worker (0 = all)."),
+    max_request_bytes: int = typer.Option(
+        None, "--max-request-bytes", help="Largest request body the HTTP front accepts (default 100 MiB; 413 above)."
+    ),
 ) -> None:
     """Serve a clustering model over HTTP (TorchServe + onnxruntime); Ctrl-C stops it."""
     from pydantic import ValidationError
@@ -66,6 +72,7 @@ def command(
             batch_size=batch_size,
             max_batch_delay_ms=max_batch_delay_ms,
             intra_op_threads=intra_op_threads,
+            max_request_bytes=max_request_bytes,
         )
     except (ValidationError, ValueError, OSError) as exc:
         typer.echo(f"deepclust serve: invalid settings: {exc}", err=True)
