@@ -50,6 +50,9 @@ def cifar_test_dir() -> Path:
     return cache / "test"
 
 
+KEY = ("model", "precision", "workers", "worker_nice", "threads", "batch_size")
+
+
 def peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0")
     parser.add_argument("--folder", type=Path, default=None, help="default: the extracted CIFAR-10 test folder")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--worker-nice", type=int, default=None,
+                        help="decode workers' niceness (default: the labeller's)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="fp32")
@@ -107,7 +112,7 @@ def main() -> None:
             config = LabelConfig(
                 root=folder, model=args.model, output=Path(tmp) / "labels.jsonl", workers=args.workers,
                 batch_size=args.batch_size, threads=args.threads, precision=args.precision, shard=Shard(),
-                progress="none",
+                progress="none", **({} if args.worker_nice is None else {"worker_nice": args.worker_nice}),
             )
             started = time.perf_counter()
             summary = Labeller(config).run()
@@ -124,7 +129,8 @@ def main() -> None:
 
     row = {
         "model": str(args.model.name), "precision": args.precision, "input_size": engine.input_size,
-        "workers": args.workers, "threads": args.threads or os.cpu_count(), "batch_size": args.batch_size,
+        "workers": args.workers, "worker_nice": args.worker_nice,
+        "threads": args.threads or os.cpu_count(), "batch_size": args.batch_size,
         "labeller_images_per_s": round(labeller_ips, 1),
         "engine_images_per_s": round(engine_ips, 1),
         "ratio": round(labeller_ips / engine_ips, 3),
@@ -133,7 +139,7 @@ def main() -> None:
         "peak_rss_mb": round(labeller_rss, 1), "worker_peak_rss_mb": round(worker_rss, 1),
         "images": images, "errors": summary.errors, **provenance(),
     }
-    path = write_rows("label", [row], merge_on=("model", "precision", "workers", "threads", "batch_size"))
+    path = write_rows("label", [row], merge_on=KEY)
     print_table([row], ["model", "workers", "threads", "batch_size", "labeller_images_per_s", "engine_images_per_s",
                         "ratio",
                         "peak_rss_mb", "images", "errors"])

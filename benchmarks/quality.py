@@ -37,12 +37,45 @@ class Experiment:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _cces_ablations(config: str) -> dict[str, Experiment]:
+    """CCES (nn double + ContrastiveCrop) and its ablation grid: nn none/single/double x ccrop on/off, one config."""
+    rows = {"cces": Experiment("cces", config, ("method.nn=double", "method.ccrop=true"))}
+    for nn in ("none", "single", "double"):
+        for ccrop in ("on", "off"):
+            if (nn, ccrop) != ("double", "on"):
+                name = f"cces-nn_{nn}-ccrop_{ccrop}"
+                rows[name] = Experiment(name, config, (f"method.nn={nn}", f"method.ccrop={str(ccrop == 'on').lower()}"))
+    return rows
+
+
+
+def _short_budget(plain: dict[str, str], rows: dict[str, Experiment], epochs: int) -> dict[str, Experiment]:
+    """The same experiments at a shorter epoch budget (`<method>-ep<N>`), for side-by-sides a shared CPU can afford;
+    every method gets the same budget, so the comparison stays fair."""
+    out = {f"{k}-ep{epochs}": Experiment(f"{k}-ep{epochs}", c, (f"optim.epochs={epochs}",)) for k, c in plain.items()}
+    for key, e in rows.items():
+        out[f"{key}-ep{epochs}"] = Experiment(f"{key}-ep{epochs}", e.config, (*e.overrides, f"optim.epochs={epochs}"))
+    return out
+
+def _scan_rows(config: str) -> dict[str, Experiment]:
+    """SCAN after clustering and after self-labelling: two rows from the stages of one pipeline run."""
+    return {
+        "scan": Experiment("scan", config, extra={"stage": "scan"}),
+        "scan-selflabel": Experiment("scan-selflabel", config, extra={"stage": "selflabel"}),
+    }
+
+
 SUITES: dict[str, dict[str, Experiment]] = {
     "fashion_mnist": {
         "cc": Experiment("cc", "fashion_mnist_cc.yaml"),
+        **_cces_ablations("fashion_mnist_cces.yaml"),
+        **_scan_rows("fashion_mnist_scan.yaml"),
     },
     "cifar10_lite0": {
         "cc": Experiment("cc", "cifar10_lite0_cc.yaml"),
+        **_cces_ablations("cifar10_lite0_cces.yaml"),
+        **_short_budget({"cc": "cifar10_lite0_cc.yaml"}, _cces_ablations("cifar10_lite0_cces.yaml"), epochs=10),
+        **_scan_rows("cifar10_lite0_scan.yaml"),
     },
 }
 
@@ -54,6 +87,8 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
     name = experiment.method.replace("/", "_")
     overrides = [f"run.out_dir={out_dir}", f"run.name={name}-seed{seed}", f"run.seed={seed}", *experiment.overrides]
     config = load_config(CONFIGS / experiment.config, overrides)
+    if config.method.name == "scan":  # staged pipeline (pretext -> mine -> scan -> selflabel), done stages skipped
+        return scan_row(experiment, out_dir, seed)
     started = time.perf_counter()
     trainer = Trainer(config)
     metrics = trainer.fit()
@@ -72,6 +107,52 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
         "seed": seed,
         "run_dir": str(trainer.run_dir),
         "extra": {**experiment.extra, **{k: metrics[k] for k in metrics if k.startswith("extra_")}},
+    }
+
+
+def scan_row(experiment: Experiment, out_dir: Path, seed: int) -> dict[str, Any]:
+    """One SCAN row: both rows of a config share one run directory, so the second one only reads its stage."""
+    import json as _json
+
+    from training.config import load_config
+    from training.scan_pipeline import run_scan_pipeline
+
+    name = f"{Path(experiment.config).stem}-seed{seed}"
+    overrides = [f"run.out_dir={out_dir}", f"run.name={name}", f"run.seed={seed}", *experiment.overrides]
+    config = load_config(CONFIGS / experiment.config, overrides)
+    started = time.perf_counter()
+    summary = run_scan_pipeline(config)
+    stage = experiment.extra.get("stage", "selflabel")
+    metrics_path = config.run_dir / stage / "metrics.json"
+    if not metrics_path.exists():
+        raise RuntimeError(f"SCAN stage {stage!r} has no metrics ({summary.get('selflabel_collapse')})")
+    metrics = _json.loads(metrics_path.read_text())
+    timings_path = config.run_dir / "bench_seconds.json"
+    timings = _json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings.update(summary["seconds"])  # stages that ran now; earlier ones are remembered from their run
+    timings_path.write_text(_json.dumps(timings))
+    upto = ("pretext", "mine", "scan") if stage == "scan" else ("pretext", "mine", "scan", "selflabel")
+    return {
+        "dataset": config.data.dataset,
+        "split": config.data.eval_split,
+        "method": experiment.method,
+        "backbone": config.model.backbone + ("-frozen" if config.model.freeze_backbone else ""),
+        "acc": round(float(metrics["acc"]), 4),
+        "nmi": round(float(metrics["nmi"]), 4),
+        "ari": round(float(metrics["ari"]), 4),
+        "seconds": round(sum(timings.get(s, 0.0) for s in upto), 1) or round(time.perf_counter() - started, 1),
+        "config": experiment.config,
+        "overrides": list(experiment.overrides),
+        "seed": seed,
+        "run_dir": str(config.run_dir / stage),
+        "extra": {
+            **experiment.extra,
+            "neighbour_k": summary["neighbour_k"],
+            "neighbour_agreement_train": summary["neighbour_agreement"],
+            "head_index": metrics.get("head_index", summary["head_index"]),
+            "stage_seconds": {s: timings[s] for s in upto if s in timings},
+            "selflabel_collapse": summary["selflabel_collapse"],
+        },
     }
 
 

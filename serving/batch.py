@@ -22,6 +22,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -220,10 +221,15 @@ def _decode_chunk(
     return [_decode_one(root, rel, previous, size, limits) for rel, previous in chunk]
 
 
-def _worker_init() -> None:
-    # One decode per process: Pillow/numpy must not start thread pools that fight onnxruntime for the cores.
+def _worker_init(nice: int) -> None:
+    """Decode workers run at a lower priority than the engine: when the cores are busy, onnxruntime's threads keep
+    them (a preempted thread stalls the whole parallel operator), and decoding fills the gaps. The engine still
+    gets its images because it blocks (idles the cores) whenever the decoded queue runs dry."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    if nice > 0:
+        with contextlib.suppress(OSError):  # not permitted: run at the normal priority
+            os.nice(nice)
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -237,6 +243,7 @@ class PipelineOptions:
     with_probabilities: bool = False
     with_embedding: bool = False
     limits: DecodeLimits = DecodeLimits()
+    worker_nice: int = 10  # see _worker_init; 0 = same priority as the engine
 
     def in_flight(self) -> int:
         return self.max_in_flight or max(2, 4 * max(self.workers, 1))
@@ -325,7 +332,8 @@ def _decoded_stream(
             yield from _decode_chunk(root, chunk, size, options.limits)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=options.workers, mp_context=context, initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=options.workers, mp_context=context, initializer=_worker_init,
+                               initargs=(options.worker_nice,))
     in_flight: deque[Future[list[_Decoded]]] = deque()
     try:
         for chunk in chunks:

@@ -85,6 +85,7 @@ class LabelConfig(BaseModel):
     progress: Literal["auto", "bar", "log", "none"] = "auto"
     fsync_seconds: float = Field(2.0, gt=0)
     gallery_examples: int = Field(8, ge=1, le=64)
+    worker_nice: int = Field(10, ge=0, le=19)
 
     @field_validator("output")
     @classmethod
@@ -570,7 +571,7 @@ class Labeller:
 
         options = PipelineOptions(
             batch_size=c.batch_size, workers=c.workers, top_k=c.top_k,
-            limits=DecodeLimits(max_bytes=c.max_bytes, max_pixels=c.max_pixels),
+            limits=DecodeLimits(max_bytes=c.max_bytes, max_pixels=c.max_pixels), worker_nice=c.worker_nice,
         )
         _event("start", root=str(c.root), model=str(self.model_file), provider=engine.provider,
                output=str(c.output), shard=str(c.shard), files=total, already_done=len(self.state),

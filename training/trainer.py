@@ -211,7 +211,7 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         self.resume()
-        dataset = self.train_dataset()
+        dataset = self.train_data = self.train_dataset()  # methods may adjust it in on_epoch_start (CCES)
         metrics: dict[str, Any] = {}
         for epoch in range(self.epoch, self.config.optim.epochs):
             self.method.on_epoch_start(self, epoch)
@@ -248,7 +248,11 @@ class Trainer:
         for *views, labels, indices in bar:
             views = [v.to(self.device, non_blocking=True) for v in views]
             if self.device_augment:
-                views = [augment(views[0]) for augment in self.batch_views]
+                # `per_sample` augmentations (ContrastiveCrop boxes) also need each sample's index
+                views = [
+                    augment(views[0], indices) if getattr(augment, "per_sample", False) else augment(views[0])
+                    for augment in self.batch_views
+                ]
             with self.autocast():
                 batch = Batch([self.encode(v) for v in views], indices.to(self.device), labels)
                 losses = self.method.loss(self.model, batch)

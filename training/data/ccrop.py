@@ -23,8 +23,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from training.data.batch_augment import BatchAugment
-from training.data.views import _to_rgb, _to_tensor, cc_augment, eval_transform
-from training.data.views import MultiView
+from training.data.views import MultiView, _to_rgb, _to_tensor, cc_augment, eval_transform
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 RATIO = (3 / 4, 4 / 3)

@@ -104,4 +104,6 @@ class MultiView(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         image, label = self.base[index]
-        return (*(t(image) for t in self.transforms), label, index)
+        # `per_sample` transforms (ContrastiveCrop) are called with the sample index too
+        views = (t(image, index) if getattr(t, "per_sample", False) else t(image) for t in self.transforms)
+        return (*views, label, index)

@@ -140,7 +140,7 @@ class StrongAugment(nn.Module):
         super().__init__()
         self.size = size
         self.cutout_fraction = cutout_fraction
-        self.per_sample = T.Compose(
+        self.sample_ops = T.Compose(
             [
                 T.RandomHorizontalFlip(),
                 T.RandAugment(num_ops=num_ops, magnitude=magnitude),
@@ -163,7 +163,7 @@ class StrongAugment(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: float [N, 3, H, W] in [0, 1] -> strong view [N, 3, size, size] in [0, 1]."""
         as_uint8 = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        out = torch.stack([self.per_sample(image) for image in as_uint8.cpu()]).to(x.device).float() / 255.0
+        out = torch.stack([self.sample_ops(image) for image in as_uint8.cpu()]).to(x.device).float() / 255.0
         out = self.cutout(out)
         if out.shape[-1] != self.size or out.shape[-2] != self.size:
             out = F.interpolate(out, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -343,7 +343,10 @@ class SCANClustering(Method):
             from training.data.views import eval_transform
 
             return NeighbourPairs(
-                self.neighbours, labels, base=trainer.train_set, transform=eval_transform(trainer.config.data.image_size),
+                self.neighbours,
+                labels,
+                base=trainer.train_set,
+                transform=eval_transform(trainer.config.data.image_size),
                 stack=True,
             )
         return NeighbourPairs(self.neighbours, labels, base=trainer.train_set, transform=self.train_views()[0])
@@ -417,7 +420,9 @@ class SelfLabel(Method):
 
     def on_epoch_end(self, trainer: Trainer, losses: dict[str, float]) -> None:
         if self._assignments:
-            sizes = self.guard(torch.cat(self._assignments).numpy(), trainer.model.k, f"selflabel epoch {trainer.epoch + 1}")
+            sizes = self.guard(
+                torch.cat(self._assignments).numpy(), trainer.model.k, f"selflabel epoch {trainer.epoch + 1}"
+            )
             losses["largest_share"] = round(max(sizes) / max(sum(sizes), 1), 4)
 
     def guard(self, assignments: np.ndarray, k: int, where: str) -> list[int]:

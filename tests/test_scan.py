@@ -1,0 +1,252 @@
+"""SCAN: losses against direct computations, mining against brute force, head selection, self-labelling weights and
+threshold, the collapse guard, and the staged pipeline end to end on sklearn digits (skipping done stages)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import SCANConfig, load_config
+from training.methods.scan import (
+    CollapseError,
+    SCANClustering,
+    SelfLabel,
+    StrongAugment,
+    check_collapse,
+    inverse_frequency_weights,
+    scan_consistency,
+    scan_loss,
+    select_head,
+    selflabel_loss,
+)
+from training.mining import Neighbours, neighbour_agreement, topk_cosine_neighbours
+from training.models.heads import ClusteringModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "digits_scan_tiny.yaml"
+
+
+def _probabilities(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).softmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ SCAN loss
+def test_scan_consistency_matches_a_loop() -> None:
+    pa, pn = _probabilities(7, 5, 0), _probabilities(7, 5, 1)
+    direct = -sum(math.log(sum(pa[i, c] * pn[i, c] for c in range(5))) for i in range(7)) / 7
+    assert float(scan_consistency(pa, pn)) == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_scan_loss_entropy_term_sign_and_scale() -> None:
+    pa, pn = _probabilities(16, 4, 2), _probabilities(16, 4, 3)
+    mean = pa.mean(dim=0)
+    entropy = float(-(mean * mean.log()).sum())
+    for weight in (0.0, 1.0, 5.0):
+        total, consistency, h = scan_loss(pa, pn, weight)
+        assert float(h) == pytest.approx(entropy, rel=1e-5)
+        assert float(total) == pytest.approx(float(consistency) - weight * entropy, rel=1e-5)
+    # A balanced batch is rewarded (lower loss) over a collapsed one with the same consistency.
+    one_hot_balanced = torch.eye(4).repeat(4, 1)
+    one_hot_collapsed = torch.zeros(16, 4)
+    one_hot_collapsed[:, 0] = 1
+    balanced, _, h_bal = scan_loss(one_hot_balanced, one_hot_balanced, 5.0)
+    collapsed, _, h_col = scan_loss(one_hot_collapsed, one_hot_collapsed, 5.0)
+    assert float(h_bal) == pytest.approx(math.log(4), rel=1e-5) and float(h_col) == pytest.approx(0.0, abs=1e-6)
+    assert float(balanced) < float(collapsed)
+
+
+def test_scan_loss_gradient_pulls_neighbours_together() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    p = logits.softmax(dim=1)
+    loss, _, _ = scan_loss(p[:1], p[1:], entropy_weight=0.0)
+    loss.backward()
+    # descending the gradient raises the anchor's probability of the neighbour's cluster
+    assert logits.grad[0, 1] < 0
+
+
+def test_head_selection_picks_the_lowest_loss() -> None:
+    assert select_head([3.0, -1.5, 0.2, -1.4]) == 1
+    assert select_head([1.0, 1.0]) == 0
+    with pytest.raises(ValueError):
+        select_head([])
+
+
+def test_scan_method_keeps_the_lowest_loss_head() -> None:
+    """Per-head losses of an epoch go to `on_epoch_end`, which sets `model.head_index` (what is exported)."""
+    config = load_config(TINY)
+    method = SCANClustering(config)
+    model = ClusteringModel(torch.nn.Identity(), 6, 3, projection_dim=4, num_cluster_heads=3)
+    features = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    from training.methods.base import Batch
+
+    out = method.loss(model, Batch([features, features + 0.01], torch.arange(32), torch.zeros(32)))
+    head_losses = [float(out[f"head{i}"]) for i in range(3)]
+    assert float(out["loss"].detach()) == pytest.approx(sum(head_losses), rel=1e-5)
+
+    class FakeTrainer:
+        pass
+
+    trainer = FakeTrainer()
+    trainer.model = model  # type: ignore[attr-defined]
+    losses = {f"head{i}": head_losses[i] for i in range(3)}
+    method.on_epoch_end(trainer, losses)  # type: ignore[arg-type]
+    assert model.head_index == int(np.argmin(head_losses)) == losses["head_index"]
+
+
+# ------------------------------------------------------------------------------------------------ mining
+def test_mining_is_exact_against_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32) * rng.uniform(0.1, 10, size=(300, 1)).astype(np.float32)
+    k = 7
+    got = topk_cosine_neighbours(x, k, block=64)  # several blocks
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    np.fill_diagonal(sim, -np.inf)
+    expected = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    assert got.shape == (300, k) and got.dtype == np.int64
+    assert not (got == np.arange(300)[:, None]).any(), "a sample is never its own neighbour"
+    # compare similarities (robust to exact ties), and the index sets
+    np.testing.assert_allclose(np.take_along_axis(sim, got, 1), np.take_along_axis(sim, expected, 1), atol=1e-5)
+    assert np.mean([set(a) == set(b) for a, b in zip(got, expected, strict=True)]) > 0.99
+
+
+def test_neighbour_agreement_and_file_round_trip(tmp_path: Path) -> None:
+    labels = np.array([0, 0, 1, 1])
+    neighbours = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+    assert neighbour_agreement(neighbours, labels) == pytest.approx(0.5)
+    assert math.isnan(neighbour_agreement(neighbours, np.array([0, -1, 1, 1])))
+    path = Neighbours(neighbours, 0.5, "backbone").save(tmp_path / "neighbours.npz")
+    back = Neighbours.load(path)  # allow_pickle=False inside
+    assert back.k == 2 and back.agreement == 0.5 and back.source == "backbone"
+    np.testing.assert_array_equal(back.indices, neighbours)
+
+
+# ------------------------------------------------------------------------------------------------ self-labelling
+def test_selflabel_threshold_and_inverse_frequency_weighting() -> None:
+    # weak predictions: 3 confident for cluster 0, 1 confident for cluster 1, 2 below the threshold
+    p_weak = torch.tensor([[0.995, 0.005, 0.0]] * 3 + [[0.001, 0.998, 0.001]] + [[0.98, 0.02, 0.0], [0.4, 0.3, 0.3]])
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    loss, mask = selflabel_loss(logits, p_weak, threshold=0.99)
+    assert mask.tolist() == [True, True, True, True, False, False]
+    weights = inverse_frequency_weights(torch.tensor([0, 0, 0, 1]), 3)
+    assert float(weights[0]) == pytest.approx(float(weights[1]) / 3) and float(weights[2]) == 0.0
+    log_p = logits.log_softmax(dim=1)
+    w = {0: 1 / 3, 1: 1.0}
+    targets = [0, 0, 0, 1]
+    direct = -sum(w[t] * float(log_p[i, t]) for i, t in enumerate(targets)) / sum(w[t] for t in targets)
+    assert float(loss) == pytest.approx(direct, rel=1e-5)
+    # the rare pseudo-label counts as much as the frequent one in total
+    assert 3 * float(weights[0]) == pytest.approx(float(weights[1]))
+
+
+def test_selflabel_without_confident_samples_is_zero_with_a_graph() -> None:
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss, mask = selflabel_loss(logits, torch.full((4, 3), 1 / 3), threshold=0.99)
+    assert not mask.any() and float(loss) == 0.0
+    loss.backward()  # still differentiable: a step with no confident sample is a no-op, not a crash
+
+
+def test_collapse_guard_fires_on_a_degenerate_model() -> None:
+    config = load_config(TINY)
+    method = SelfLabel(config)
+    model = ClusteringModel(torch.nn.Identity(), 6, 10, projection_dim=4)
+    with torch.no_grad():  # a degenerate head: cluster 3 wins for every input
+        model.cluster_head.net[-1].bias.zero_()
+        model.cluster_head.net[-1].bias[3] = 100.0
+    assignments = model.cluster_head(torch.randn(200, 6)).argmax(dim=1).numpy()
+    with pytest.raises(CollapseError) as caught:
+        method.guard(assignments, 10, "test")
+    assert caught.value.report()["cluster_sizes"][3] == 200 and caught.value.share == 1.0
+    # a healthy spread passes and reports sizes
+    assert check_collapse(np.arange(200) % 10, 10, 0.5, "ok") == [20] * 10
+
+
+def test_strong_augment_shapes_range_and_cutout() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    out = StrongAugment(64, cutout_fraction=0.5)(x)
+    assert out.shape == (8, 3, 64, 64) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    holes = StrongAugment(32, cutout_fraction=0.5).cutout(torch.ones(8, 3, 32, 32))
+    zero_share = (holes == 0).float().mean(dim=(1, 2, 3))
+    assert bool(((zero_share > 0.05) & (zero_share <= 0.25 + 1e-6)).all())
+
+
+def test_scan_config_defaults_follow_the_paper() -> None:
+    s = SCANConfig()
+    assert (s.neighbours, s.entropy_weight, s.selflabel_threshold, s.pretext_temperature) == (20, 5.0, 0.99, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_pipeline_runs_all_stages_then_skips_them(tmp_path: Path) -> None:
+    from training.scan_pipeline import run_scan_pipeline
+    from training.trainer import load_checkpoint
+
+    overrides = [f"run.out_dir={tmp_path}", "run.max_steps_per_epoch=2", "data.subset=512", "data.eval_subset=256"]
+    config = load_config(TINY, overrides)
+    metrics = run_scan_pipeline(config)
+    run = config.run_dir
+    for artifact in ("pretext/final.pt", "neighbours.npz", "scan/final.pt", "final.pt", "metrics.json"):
+        assert (run / artifact).exists(), artifact
+    assert (run / "selflabel" / "final.pt").exists() or (run / "selflabel" / "collapse.json").exists()
+    neighbours = Neighbours.load(run / "neighbours.npz")
+    assert neighbours.indices.shape == (512, 5) and neighbours.source == "projection"
+    assert 0.0 <= metrics["neighbour_agreement"] <= 1.0 and metrics["neighbour_k"] == 5
+    scan_log = [json.loads(line) for line in (run / "scan" / "log.jsonl").read_text().splitlines()]
+    last = scan_log[-1]
+    assert last["head_index"] == select_head([last[f"head{i}"] for i in range(3)])
+    model, loaded, state = load_checkpoint(run / "scan" / "final.pt")
+    assert model.head_index == last["head_index"] and loaded.method.name == "scan"
+    assert len(model.cluster_heads) == 3
+
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/final.pt")}
+    again = run_scan_pipeline(config)  # every stage done: nothing retrains
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/final.pt")} == stamps
+    assert again["acc"] == metrics["acc"] and again["seconds"] == {}
+
+    # removing the last stage's artifact reruns only that stage
+    selflabel = run / "selflabel"
+    for path in selflabel.iterdir():
+        path.unlink()
+    run_scan_pipeline(config)
+    assert (run / "scan" / "final.pt").stat().st_mtime_ns == stamps[run / "scan" / "final.pt"]
+    assert (selflabel / "final.pt").exists() or (selflabel / "collapse.json").exists()
+
+
+def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
+    """`deepclust export <run_dir>` serves `cluster_heads[head_index]` of the pipeline's final checkpoint."""
+    from serving.schemas import ModelCard
+    from training.export import export_checkpoint, run_onnx, session, uint8_images
+    from training.scan_pipeline import run_scan_pipeline
+    from training.trainer import load_checkpoint
+
+    overrides = [
+        f"run.out_dir={tmp_path}",
+        "run.max_steps_per_epoch=2",
+        "data.subset=256",
+        "data.eval_subset=128",
+        "method.pretext=skip",
+        "method.selflabel_epochs=0",
+    ]
+    config = load_config(TINY, overrides)
+    run_scan_pipeline(config)
+    model, _, _ = load_checkpoint(config.run_dir / "final.pt")
+    with torch.no_grad():  # make the kept head distinguishable from the others
+        model.cluster_heads[model.head_index].net[-1].bias.add_(torch.arange(10.0))
+    state = torch.load(config.run_dir / "final.pt", weights_only=True)
+    state["model"] = model.state_dict()
+    torch.save(state, config.run_dir / "final.pt")
+
+    export_checkpoint(config.run_dir, tmp_path / "store", variants=(), parity_images=32, eval_limit=32)
+    assert ModelCard.load(tmp_path / "store" / "model.json").method == "scan"
+    from training.data.datasets import create_dataset
+
+    images = uint8_images(create_dataset("digits", "test"), 8, np.arange(16))
+    p_onnx, _ = run_onnx(session(tmp_path / "store" / "model.onnx"), images)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0].numpy()
+    np.testing.assert_allclose(p_onnx, expected, atol=1e-4)
