@@ -4,9 +4,10 @@ pre-decoded arrays, in the same run with the same model, on the CIFAR-10 test fo
     .venv/bin/python benchmarks/label.py [--model model_store/cifar10-lite0] [--workers 1] [--threads 0]
 
 Target: labeller >= 0.9x bare engine. Writes `benchmarks/results/label.json`:
-`{labeller_images_per_s, engine_images_per_s, ratio, peak_rss_mb, worker_peak_rss_mb, images, errors, ...,
-commit, machine}`. `peak_rss_mb` is the labeller's main process (engine + batches + state) measured before the
-bare-engine part allocates its pre-decoded arrays; `worker_peak_rss_mb` is the largest decode worker.
+`{labeller_images_per_s, engine_images_per_s, ratio, peak_rss_mb, images, errors, ..., commit, machine}` (medians
+of `--repeat` alternating runs; every run is kept in `labeller_runs`/`engine_runs`). `peak_rss_mb` is the labeller's
+main process (engine + batches + state), measured before the bare-engine part allocates its pre-decoded arrays.
+(A decode worker's RSS is not reported: `RUSAGE_CHILDREN` counts the parent's pages inherited between fork and exec.)
 The bare engine runs `--engine-images` pre-decoded images (default 2,000, i.e. 150 MB at 160 px) repeated to the
 same count as the labeller: its speed does not depend on the pixels, and 10,000 decoded images would be 770 MB.
 """
@@ -123,7 +124,6 @@ def main() -> None:
             engine = Engine(model_file, intra_op_threads=args.threads, max_batch=args.batch_size)
         images = summary.labelled + summary.new_errors
         engine_runs.append(bench_engine(engine, folder, args.engine_images, images, args.batch_size))
-    worker_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
     labeller_ips, engine_ips = float(np.median(labeller_runs)), float(np.median(engine_runs))
     assert engine is not None
 
@@ -136,7 +136,7 @@ def main() -> None:
         "ratio": round(labeller_ips / engine_ips, 3),
         "labeller_runs": [round(x, 1) for x in labeller_runs], "engine_runs": [round(x, 1) for x in engine_runs],
         "labeller_wall_s": round(float(np.median(walls)), 2),
-        "peak_rss_mb": round(labeller_rss, 1), "worker_peak_rss_mb": round(worker_rss, 1),
+        "peak_rss_mb": round(labeller_rss, 1),
         "images": images, "errors": summary.errors, **provenance(),
     }
     path = write_rows("label", [row], merge_on=KEY)

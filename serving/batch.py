@@ -92,16 +92,18 @@ def display_path(rel: str) -> str:
 
     UTF-8 names are unchanged; bytes that are not UTF-8 become `\\xNN` and control characters (a newline is legal in
     a file name) become `\\xNN` too, so that a row is always one line of text. `fs_path` reverses it."""
-    if rel.isprintable():  # the common case: valid UTF-8, no control characters, no surrogates
+    if rel.isprintable() and "\\x" not in rel:  # the common case: valid UTF-8, no control characters, no surrogates
         return rel
-    text = os.fsencode(rel).decode("utf-8", "backslashreplace")
+    # A literal backslash is escaped too (as \\x5c): otherwise a file literally named `x\\xff.jpg` and one named
+    # `x<byte 0xff>.jpg` would get the same display path, and one of them would lose its row (issue 11).
+    text = os.fsencode(rel).replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
     return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
 
 
 def fs_path(root: str | Path, display: str) -> str:
-    """The file system path for a `display_path` (best effort: the literal name first, then unescaped)."""
+    """The file system path for a `display_path`: `\\xNN` escapes undone (a literal name only as a fallback)."""
     literal = os.path.join(os.fspath(root), display)
-    if os.path.lexists(literal) or "\\x" not in display:
+    if "\\x" not in display:
         return literal
     out = bytearray()
     i, data = 0, display
@@ -115,7 +117,9 @@ def fs_path(root: str | Path, display: str) -> str:
                 pass
         out += data[i].encode("utf-8")
         i += 1
-    return os.path.join(os.fspath(root), os.fsdecode(bytes(out)))
+    unescaped = os.path.join(os.fspath(root), os.fsdecode(bytes(out)))
+    # rows written before literal backslashes were escaped may name a file literally: keep finding it
+    return literal if not os.path.lexists(unescaped) and os.path.lexists(literal) else unescaped
 
 
 # -------------------------------------------------------------------------------------------------- shards
@@ -221,12 +225,26 @@ def _decode_chunk(
     return [_decode_one(root, rel, previous, size, limits) for rel, previous in chunk]
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the labeller dies (e.g. `kill -9`). A pool worker holds both ends of its task
+    queue, so it would otherwise wait for work forever as an orphan."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def _worker_init(nice: int) -> None:
     """Decode workers run at a lower priority than the engine: when the cores are busy, onnxruntime's threads keep
     them (a preempted thread stalls the whole parallel operator), and decoding fills the gaps. The engine still
     gets its images because it blocks (idles the cores) whenever the decoded queue runs dry."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    _die_with_parent()
     if nice > 0:
         with contextlib.suppress(OSError):  # not permitted: run at the normal priority
             os.nice(nice)

@@ -281,6 +281,27 @@ def _symlink_tree(cifar_test_dir: Path, mixed_dir: Path, root: Path) -> int:
     return n
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _label_subprocess(root: Path, model: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "deepclust.cli", "label", str(root), "-m", str(model), "-o", str(out),
            "--batch-size", "16", "--workers", "1", "--threads", "1", "--progress", "log"]
@@ -304,12 +325,18 @@ def test_kill_9_and_resume_loses_and_duplicates_nothing(
             if journal.exists() and journal.stat().st_size > 40_000:  # a few hundred rows are on disk
                 break
             time.sleep(0.005)
+        children = _children(victim.pid)
+        assert children, "the decode worker should be running"
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
         assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
         lines_at_kill = journal.read_bytes().count(b"\n")
         assert 0 < lines_at_kill < n_images, lines_at_kill
         assert ref.wait(300) == 1, ref.stderr.read().decode()
+        deadline = time.monotonic() + 20  # workers must not outlive a killed labeller (no orphans)
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)], "orphaned worker processes"
     finally:
         for proc in (victim, ref):
             if proc.poll() is None:

@@ -31,15 +31,20 @@ def configure_logging() -> None:
 
 
 def run_train(config: TrainConfig) -> dict[str, Any]:
+    from training.distributed import init_distributed, shutdown_distributed
     from training.trainer import Trainer
 
-    if config.method.name == "scan":  # staged: pretext -> mine -> scan -> selflabel, only the missing stages
-        from training.scan_pipeline import run_scan_pipeline
+    init_distributed(config.run.device)  # joins the torchrun job when WORLD_SIZE > 1; else a no-op
+    try:
+        if config.method.name == "scan":  # staged: pretext -> mine -> scan -> selflabel, only the missing stages
+            from training.scan_pipeline import run_scan_pipeline
 
-        return {**run_scan_pipeline(config), "run_dir": str(config.run_dir)}
-    trainer = Trainer(config)
-    metrics = trainer.fit()
-    return {**metrics, "run_dir": str(trainer.run_dir)}
+            return {**run_scan_pipeline(config), "run_dir": str(config.run_dir)}
+        trainer = Trainer(config)
+        metrics = trainer.fit()
+        return {**metrics, "run_dir": str(trainer.run_dir)}
+    finally:
+        shutdown_distributed()
 
 
 def run_evaluate(

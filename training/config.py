@@ -46,6 +46,9 @@ class ModelConfig(_Strict):
     projection_dim: int = Field(128, ge=2)
     hidden_dim: int | None = None
     num_cluster_heads: int = Field(1, ge=1)
+    sync_batchnorm: bool = Field(
+        False, description="torchrun on GPUs: SyncBatchNorm in the backbone (BN statistics over the global batch)"
+    )
 
     @model_validator(mode="after")
     def _cached_needs_frozen(self) -> ModelConfig:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from serving.quality import evaluate_clustering
+from training import distributed
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
 from training.data.views import MultiView, eval_transform
@@ -92,6 +93,22 @@ class CachedFeatureViews(Dataset):
         return (*(self.passes[c][index] for c in chosen), int(self.labels[index]), index)
 
 
+class _MethodStep(nn.Module):
+    """The model with the method's whole step (encode + loss) as its forward, so that DDP sees that step.
+
+    The methods call `model.instance_head` / `model.cluster_head` directly; DDP only synchronises gradients of
+    forwards that run through `DistributedDataParallel.forward`. Wrapping the model in this module and passing the
+    step as a closure routes every method's forward through DDP without changing the methods.
+    """
+
+    def __init__(self, model: ClusteringModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, step: Any) -> dict[str, torch.Tensor]:
+        return step()
+
+
 @dataclass
 class EvalResult:
     probabilities: np.ndarray
@@ -103,13 +120,28 @@ class EvalResult:
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.run.device)
+        self.device = distributed.device_for(resolve_device(config.run.device))
+        self.distributed = distributed.is_distributed()
+        self.is_main = distributed.is_main_process()
+        self.world_size = distributed.get_world_size()
+        if config.optim.batch_size % self.world_size:
+            raise ValueError(
+                f"optim.batch_size={config.optim.batch_size} (the global batch) must divide by the "
+                f"{self.world_size} processes"
+            )
+        self.batch_size = config.optim.batch_size // self.world_size  # per process; the losses see the global one
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(config.run.seed)
         self.model = build_model(config).to(self.device)
         if config.run.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if config.model.sync_batchnorm and self.distributed:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    "model.sync_batchnorm needs one GPU per process: torch's SyncBatchNorm has no CPU kernel"
+                )
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.method: Method = create_method(config)
         self.train_set = _subset(
             create_dataset(config.data.dataset, config.data.train_split, config.data.root),
@@ -131,10 +163,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.epoch = 0
         self.log_path = self.run_dir / "log.jsonl"
+        self.ddp: nn.Module | None = None
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # find_unused_parameters: a method may leave heads out of its loss (SCAN self-labelling, SimCLR pretext)
+            self.ddp = DistributedDataParallel(
+                _MethodStep(self.model),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
 
     # ---------------------------------------------------------------- data
     def _steps_per_epoch(self) -> int:
-        steps = len(self.train_set) // self.config.optim.batch_size
+        steps = len(self.train_set) // self.world_size // self.batch_size
         if self.config.run.max_steps_per_epoch:
             steps = min(steps, self.config.run.max_steps_per_epoch)
         return max(steps, 1)
@@ -184,10 +226,20 @@ class Trainer:
         # at an epoch boundary is exact.
         generator = torch.Generator().manual_seed(self.config.run.seed * 100_003 + epoch)
         workers = 0 if self.cached else self.config.data.workers
+        sampler = None
+        if shuffle and self.distributed:
+            # Each rank takes every N-th sample of one permutation seeded by (seed, epoch): disjoint, equal-sized
+            # shards whose union is the global batch. Worker seeds come from a per-rank generator.
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(dataset, shuffle=True, seed=self.config.run.seed * 100_003, drop_last=True)
+            sampler.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(distributed.rank_seed(self.config.run.seed, epoch))
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.config.optim.batch_size,
-            shuffle=shuffle,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=workers,
             generator=generator,
@@ -210,27 +262,37 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        """Train to `optim.epochs`. Distributed: rank 0 alone evaluates, logs and writes checkpoints while the
+        others wait at a barrier; every rank returns rank 0's metrics."""
         self.resume()
-        dataset = self.train_data = self.train_dataset()  # methods may adjust it in on_epoch_start (CCES)
+        with distributed.main_process_first():  # rank 0 fills feature caches, the others then read them
+            dataset = self.train_data = self.train_dataset()  # methods may adjust it in on_epoch_start (CCES)
         metrics: dict[str, Any] = {}
         for epoch in range(self.epoch, self.config.optim.epochs):
-            self.method.on_epoch_start(self, epoch)
+            if self.distributed:  # per-rank streams derived from (seed, rank, epoch): resume needs no saved state
+                seed_everything(distributed.rank_seed(self.config.run.seed, epoch))
+            with distributed.main_process_first():
+                self.method.on_epoch_start(self, epoch)
             started = time.perf_counter()
             losses = self.train_epoch(dataset, epoch)
             self.epoch = epoch + 1
             record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.perf_counter() - started, 2), **losses}
             last = self.epoch == self.config.optim.epochs
-            if last or self.epoch % self.config.run.eval_every == 0:
+            if self.is_main and (last or self.epoch % self.config.run.eval_every == 0):
                 metrics = self.evaluate().metrics
                 record.update({k: metrics[k] for k in ("acc", "nmi", "ari")})
-            self._log(record)
-            if last or self.epoch % self.config.run.checkpoint_every == 0:
+            if self.is_main:
+                self._log(record)
+            if self.is_main and (last or self.epoch % self.config.run.checkpoint_every == 0):
                 self.save(CHECKPOINT_LAST)
-        self.save(CHECKPOINT_FINAL)
-        if not metrics:
-            metrics = self.evaluate().metrics
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return metrics
+            distributed.barrier()
+        if self.is_main:
+            self.save(CHECKPOINT_FINAL)
+            if not metrics:
+                metrics = self.evaluate().metrics
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        distributed.barrier()
+        return distributed.broadcast_object(metrics)
 
     def train_epoch(self, dataset: Dataset, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -244,6 +306,7 @@ class Trainer:
             desc=f"epoch {epoch + 1}/{self.config.optim.epochs}",
             leave=False,
             mininterval=2,
+            disable=not self.is_main,
         )
         for *views, labels, indices in bar:
             views = [v.to(self.device, non_blocking=True) for v in views]
@@ -254,8 +317,11 @@ class Trainer:
                     for augment in self.batch_views
                 ]
             with self.autocast():
-                batch = Batch([self.encode(v) for v in views], indices.to(self.device), labels)
-                losses = self.method.loss(self.model, batch)
+                if self.ddp is not None:
+                    losses, batch = self.distributed_step(views, indices, labels)
+                else:
+                    batch = Batch([self.encode(v) for v in views], indices.to(self.device), labels)
+                    losses = self.method.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             self.optimizer.step()
@@ -268,6 +334,34 @@ class Trainer:
             if steps >= self.steps_per_epoch:
                 break
         return {key: round(value / max(steps, 1), 5) for key, value in totals.items()}
+
+    def distributed_step(
+        self, views: list[torch.Tensor], indices: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], Batch]:
+        """One step's losses on the GLOBAL batch, through DDP.
+
+        Each rank encodes its own shard; the backbone features of every view are all-gathered with autograd, so the
+        method computes the same global loss on every rank (N x B samples = one process with N*B). The heads are
+        per-sample maps without BatchNorm, so heads on gathered features equal gathered projections and assignments,
+        and every method (CC, CCES's support set, SCAN's entropy) sees the global batch unchanged. Gradient scale:
+        see `training.distributed` — the gather's backward sums over ranks and DDP averages, which gives exactly the
+        single-process gradient.
+        """
+        assert self.ddp is not None
+        kept: list[Batch] = []
+
+        def step() -> dict[str, torch.Tensor]:
+            local = [self.encode(v) for v in views]
+            batch = Batch(
+                [distributed.gather_with_grad(f) for f in local],
+                distributed.gather(indices.to(self.device)),
+                distributed.gather(labels),
+            )
+            kept.append(batch)
+            return self.method.loss(self.model, batch)
+
+        losses = self.ddp(step)
+        return losses, kept[0]
 
     # ---------------------------------------------------------------- evaluation
     @torch.inference_mode()
@@ -337,11 +431,12 @@ class Trainer:
     def resume(self) -> bool:
         path = self.run_dir / CHECKPOINT_LAST
         if not path.exists():
-            (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+            if self.is_main:
+                (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = torch.load(path, map_location=self.device, weights_only=True)  # every rank: the same checkpoint
         saved = state["config"]
-        if saved["model"] != self.config.model.model_dump(mode="json"):
+        if _architecture(saved["model"]) != _architecture(self.config.model.model_dump(mode="json")):
             raise ValueError(f"{path} was trained with a different model config; use a new run name")
         self.model.load_state_dict(state["model"])
         self.model.head_index = int(state.get("head_index", 0))
@@ -358,6 +453,11 @@ class Trainer:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log.info(json.dumps(record))
+
+
+def _architecture(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The model config minus how it is trained across processes (SyncBatchNorm may change on resume)."""
+    return {k: v for k, v in model_config.items() if k != "sync_batchnorm"}
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -47,5 +47,8 @@ def command(
     except (ValidationError, ValueError) as error:
         typer.echo(f"bad configuration: {error}", err=True)
         raise typer.Exit(2) from error
+    import os
+
     metrics = run_train(train_config)
-    typer.echo(json.dumps({k: metrics.get(k) for k in ("acc", "nmi", "ari", "n", "run_dir")}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one result line (rank 0's)
+        typer.echo(json.dumps({k: metrics.get(k) for k in ("acc", "nmi", "ari", "n", "run_dir")}))
