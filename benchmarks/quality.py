@@ -48,7 +48,6 @@ def _cces_ablations(config: str) -> dict[str, Experiment]:
     return rows
 
 
-
 def _short_budget(plain: dict[str, str], rows: dict[str, Experiment], epochs: int) -> dict[str, Experiment]:
     """The same experiments at a shorter epoch budget (`<method>-ep<N>`), for side-by-sides a shared CPU can afford;
     every method gets the same budget, so the comparison stays fair."""
@@ -56,6 +55,7 @@ def _short_budget(plain: dict[str, str], rows: dict[str, Experiment], epochs: in
     for key, e in rows.items():
         out[f"{key}-ep{epochs}"] = Experiment(f"{key}-ep{epochs}", e.config, (*e.overrides, f"optim.epochs={epochs}"))
     return out
+
 
 def _scan_rows(config: str) -> dict[str, Experiment]:
     """SCAN after clustering and after self-labelling: two rows from the stages of one pipeline run."""
@@ -84,15 +84,19 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
     from training.config import load_config
     from training.trainer import Trainer
 
-    name = experiment.method.replace("/", "_")
-    overrides = [f"run.out_dir={out_dir}", f"run.name={name}-seed{seed}", f"run.seed={seed}", *experiment.overrides]
+    # The config's stem keeps suites apart (both have a "cc" entry).
+    name = f"{Path(experiment.config).stem}-{experiment.method.replace('/', '_')}-seed{seed}"
+    overrides = [f"run.out_dir={out_dir}", f"run.name={name}", f"run.seed={seed}", *experiment.overrides]
     config = load_config(CONFIGS / experiment.config, overrides)
     if config.method.name == "scan":  # staged pipeline (pretext -> mine -> scan -> selflabel), done stages skipped
         return scan_row(experiment, out_dir, seed)
     started = time.perf_counter()
     trainer = Trainer(config)
     metrics = trainer.fit()
-    seconds = time.perf_counter() - started
+    wall = time.perf_counter() - started
+    # Training time from the run's own log, so that a resumed run reports all of its epochs, not the last session.
+    log = [json.loads(line) for line in (trainer.run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    seconds = sum(float(r.get("seconds", 0.0)) for r in log) or wall
     return {
         "dataset": config.data.dataset,
         "split": config.data.eval_split,
@@ -106,7 +110,12 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
         "overrides": list(experiment.overrides),
         "seed": seed,
         "run_dir": str(trainer.run_dir),
-        "extra": {**experiment.extra, **{k: metrics[k] for k in metrics if k.startswith("extra_")}},
+        "extra": {
+            **experiment.extra,
+            **{k: metrics[k] for k in metrics if k.startswith("extra_")},
+            "epochs": len(log),
+            "wall_seconds_this_session": round(wall, 1),
+        },
     }
 
 

@@ -459,6 +459,10 @@ class Front:
                 if n <= 1 << 20:
                     async with asyncio.timeout(self.settings.backend_timeout_s):
                         body_for_metrics = await reader.readexactly(n)
+                    if status in (400, 500):
+                        status, response_head, body_for_metrics = _rewrite_backend_error(
+                            status, response_head, body_for_metrics, keep
+                        )
                     writer.write(response_head + body_for_metrics)
                 else:
                     writer.write(response_head)
@@ -515,6 +519,35 @@ def outcome_of(status: int, body: bytes | None, fallback: str = "") -> str:
         503: "unavailable",
         504: "timeout",
     }.get(status, fallback if fallback in {"bad_request", "too_large", "timeout"} else "server_error")
+
+
+def _rewrite_backend_error(status: int, head: bytes, body: bytes, keep_alive: bool) -> tuple[int, bytes, bytes]:
+    """Two TorchServe answers that blame the wrong party, turned into the service's JSON errors (issue 11):
+    - 400 `InvalidKeyException` (token authorization on, key missing or wrong) → 401 + `WWW-Authenticate: Bearer`,
+      `{"error": {"code": "unauthorized", …}}` (the front's own error shape, as for 413/502);
+    - 500 `ErrorDataDecoderException` (Netty's multipart decoder failed on a malformed client body, e.g. a part
+      without a `name`) → 400 + a one-item JSON error list, as the handler answers an unusable request.
+    Any other answer is relayed unchanged."""
+    if status == 400 and b'"InvalidKeyException"' in body:
+        new_body = json.dumps(
+            {"error": {"code": "unauthorized", "message": "missing or wrong token, send 'Authorization: Bearer <key>'"}}
+        ).encode()
+        status, reason, extra = 401, "Unauthorized", 'www-authenticate: Bearer realm="deepclust"\r\n'
+    elif status == 500 and b'"ErrorDataDecoderException"' in body:
+        try:
+            detail = str(json.loads(body).get("message", ""))[:200]
+        except (ValueError, AttributeError):
+            detail = ""
+        message = "malformed multipart/form-data body" + (f" ({detail})" if detail else "")
+        new_body = json.dumps([{"error": {"code": "bad_request", "message": message}}]).encode()
+        status, reason, extra = 400, "Bad Request", ""
+    else:
+        return status, head, body
+    new_head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{extra}"
+        f"content-length: {len(new_body)}\r\nconnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    )
+    return status, new_head.encode(), new_body
 
 
 def _raw_upload_content_type(request: Request) -> None:

@@ -458,7 +458,10 @@ class TorchServeHost:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited during start-up:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own URL
+                # With token authorization on, TorchServe 0.12 refuses even /ping without the key (400): send it
+                # (empty until TorchServe has written the key file). Without this, `--token-auth on` never got ready.
+                ping = urllib.request.Request(url, headers=self.auth_headers())  # noqa: S310 - our own URL
+                with urllib.request.urlopen(ping, timeout=2) as response:  # noqa: S310 - our own URL
                     models_ready = json.loads(response.read()).get("status") == "Healthy"
             except (urllib.error.URLError, OSError, ValueError):
                 models_ready = False

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from training import distributed
 from training.config import SCANConfig, TrainConfig
 from training.methods.base import Method
 from training.methods.scan import CollapseError, SCANClustering, SelfLabel, SimCLRPretext
@@ -126,8 +127,12 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
     s = scan_settings(config)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    if distributed.is_main_process():
+        (run_dir / "config.yaml").write_text(config.to_yaml())
     timings: dict[str, float] = {}
+    # Under torchrun every rank walks the same stages: each "does this artifact exist?" below is asked after a barrier,
+    # so that rank 0 writing an artifact never lets the ranks take different branches (DDP would then hang).
+    distributed.barrier()
 
     # 1. pretext
     pretext_ckpt: Path | None = None
@@ -143,6 +148,7 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
     neighbours_path = run_dir / NEIGHBOURS_FILE
     scan_cfg = stage_config(config, "scan")
     scan_trainer: StageTrainer | None = None
+    distributed.barrier()
     if neighbours_path.exists():
         neighbours = Neighbours.load(neighbours_path)
         if neighbours.k != s.neighbours:
@@ -155,10 +161,13 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
             state = torch.load(pretext_ckpt, map_location=scan_trainer.device, weights_only=True)
             scan_trainer.model.load_state_dict(state["model"])
         labels = np.asarray(scan_trainer.train_set.labels)  # type: ignore[attr-defined]
-        neighbours = mine(
-            mining_features(scan_trainer, source), labels if (labels >= 0).all() else None, s.neighbours, source
-        )
-        neighbours.save(neighbours_path)
+        if distributed.is_main_process():  # mined once, shared through the file: every rank reads rank 0's result
+            neighbours = mine(
+                mining_features(scan_trainer, source), labels if (labels >= 0).all() else None, s.neighbours, source
+            )
+            neighbours.save(neighbours_path)
+        distributed.barrier()
+        neighbours = Neighbours.load(neighbours_path)
         timings["mine"] = time.perf_counter() - started
         log.info(
             json.dumps(
@@ -174,6 +183,7 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
 
     # 3. scan
     scan_ckpt = scan_cfg.run_dir / CHECKPOINT_FINAL
+    distributed.barrier()
     if not scan_ckpt.exists():
         started = time.perf_counter()
         method = SCANClustering(scan_cfg, neighbours.indices)
@@ -193,6 +203,7 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
     if s.selflabel_epochs > 0:
         cfg = stage_config(config, "selflabel")
         ckpt, report = cfg.run_dir / CHECKPOINT_FINAL, cfg.run_dir / COLLAPSE_REPORT
+        distributed.barrier()
         if report.exists():
             collapse = json.loads(report.read_text())
         elif not ckpt.exists():
@@ -201,18 +212,21 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
             _start_from(trainer, scan_ckpt)
             try:
                 trainer.fit()
-            except CollapseError as error:
+            except CollapseError as error:  # raised on every rank alike: the guard sees the gathered assignments
                 collapse = error.report()
-                report.write_text(json.dumps(collapse, indent=2) + "\n")
+                if distributed.is_main_process():
+                    report.write_text(json.dumps(collapse, indent=2) + "\n")
                 log.error(json.dumps({"event": "selflabel_collapse", **collapse}))
             timings["selflabel"] = time.perf_counter() - started
         if collapse is None:
             final_ckpt, final_stage = ckpt, "selflabel"
 
     # result: a copy of the last successful stage at the run root, for `deepclust export/evaluate <run_dir>`
-    tmp = run_dir / (CHECKPOINT_FINAL + ".tmp")
-    shutil.copyfile(final_ckpt, tmp)
-    tmp.replace(run_dir / CHECKPOINT_FINAL)
+    distributed.barrier()
+    if distributed.is_main_process():
+        tmp = run_dir / (CHECKPOINT_FINAL + ".tmp")
+        shutil.copyfile(final_ckpt, tmp)
+        tmp.replace(run_dir / CHECKPOINT_FINAL)
     stages = {stage: _stage_metrics(run_dir / stage) for stage in STAGES if (run_dir / stage).is_dir()}
     metrics = dict(stages[final_stage] or {})
     agreement = neighbours.agreement
@@ -225,5 +239,7 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
         selflabel_collapse=collapse,
         seconds={k: round(v, 1) for k, v in timings.items()},
     )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if distributed.is_main_process():
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    distributed.barrier()
     return metrics

@@ -271,7 +271,10 @@ class Trainer:
         for epoch in range(self.epoch, self.config.optim.epochs):
             if self.distributed:  # per-rank streams derived from (seed, rank, epoch): resume needs no saved state
                 seed_everything(distributed.rank_seed(self.config.run.seed, epoch))
-            with distributed.main_process_first():
+            if self.cached:  # hooks may fill feature caches (CCES's ContrastiveCrop pass): rank 0 first
+                with distributed.main_process_first():
+                    self.method.on_epoch_start(self, epoch)
+            else:  # e.g. CCES's heat maps of a trained backbone: every rank in parallel
                 self.method.on_epoch_start(self, epoch)
             started = time.perf_counter()
             losses = self.train_epoch(dataset, epoch)

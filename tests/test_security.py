@@ -1,0 +1,271 @@
+"""Security defaults, shown on a real TorchServe (one start for the module) and on the source.
+
+- every TCP port the JVM (and its workers) listens on is loopback, and the management API answers on none of them,
+  even to a request carrying the valid management key; it answers only on the private unix socket (the positive
+  control that proves the probe would have seen it);
+- model registration is refused, from a remote URL, from a file outside the store, and from the store itself
+  (`enable_model_api=false`); `allowed_urls` admits only `.mar` files of the configured store;
+- token authorization `on`: no token / a wrong token → 401, the right token → 200, through the front and on
+  TorchServe's internal port;
+- `torch.load` in training/ (and anywhere in the package) always passes `weights_only=True`; no pickle in serving/.
+
+The module's service runs with `token_auth="on"` (the only difference from the defaults: auth does not change which
+addresses anything binds); `test_default_configuration_binds_loopback_only` checks the defaults themselves.
+"""
+
+from __future__ import annotations
+
+import ast
+import http.client
+import ipaddress
+import json
+import re
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from conftest import REPO_ROOT, free_port
+
+from serving.server import ServeConfig, TorchServeHost, render_properties
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    config = ServeConfig(
+        model=str(tiny_model_dir),
+        port=free_port(),
+        metrics_port=free_port(),
+        torchserve_metrics_port=free_port(),
+        management_port=free_port(),
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        token_auth="on",
+        intra_op_threads=1,
+        startup_timeout_s=240,
+    )
+    host = TorchServeHost(config)
+    try:
+        host.start()
+        host.wait_ready()
+        yield host
+    finally:
+        host.stop()
+        assert host.process.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def keys(service) -> dict[str, str]:
+    data = json.loads(service.key_file.read_text())
+    return {"inference": data["inference"]["key"], "management": data["management"]["key"]}
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self.unix_path)
+
+
+def _unix_request(path: Path, method: str, target: str, token: str) -> tuple[int, str]:
+    conn = _UnixHTTPConnection(str(path))
+    try:
+        conn.request(method, target, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def _listening(service) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP listening socket of the JVM and its children."""
+    jvm = psutil.Process(service.process.pid)
+    found = []
+    for proc in [jvm, *jvm.children(recursive=True)]:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                found.append((conn.laddr.ip, conn.laddr.port, proc.pid))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # the JVM reports ::ffff:127.0.0.1 for an IPv4 loopback bind
+    return (mapped or ip).is_loopback
+
+
+def test_every_listening_port_is_loopback(service):
+    listening = _listening(service)
+    assert listening, "the JVM listens on nothing? (psutil could not see its sockets)"
+    exposed = [entry for entry in listening if not _is_loopback(entry[0])]
+    assert not exposed, f"non-loopback listeners: {exposed}"
+    ports = {port for _, port, _ in listening}
+    assert service.backend_port in ports
+    assert service.config.management_port not in ports
+    front = psutil.Process().net_connections(kind="inet")
+    front_listen = [c for c in front if c.status == psutil.CONN_LISTEN and c.laddr.port == service.config.port]
+    assert front_listen and all(_is_loopback(c.laddr.ip) for c in front_listen)
+
+
+def test_management_api_answers_on_no_tcp_port(service, keys):
+    """Ask every TCP port of the JVM and the front for the model list, with the valid management key."""
+    management_socket = service.state / "management.sock"
+    status, body = _unix_request(management_socket, "GET", "/models", keys["management"])
+    assert status == 200 and service.config.model_name in body, "positive control: the unix socket must answer"
+    ports = {port for _, port, _ in _listening(service)} | {service.config.port}
+    headers = {"Authorization": f"Bearer {keys['management']}"}
+    for port in sorted(ports):
+        try:
+            response = requests.get(f"http://127.0.0.1:{port}/models", headers=headers, timeout=5)
+        except requests.RequestException:
+            continue  # gRPC (HTTP/2 only) or a closed connection: not the management API
+        assert not (response.status_code == 200 and '"models"' in response.text), f"management API on TCP {port}"
+        described = requests.get(
+            f"http://127.0.0.1:{port}/models/{service.config.model_name}", headers=headers, timeout=5
+        )
+        assert described.status_code != 200 or "workers" not in described.text, f"describe-model on TCP {port}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/evil.mar",
+        "file:///tmp/evil.mar",
+        "http://127.0.0.1:1/evil.mar",
+    ],
+)
+def test_model_registration_is_refused(service, keys, url):
+    target = f"/models?url={requests.utils.quote(url, safe='')}&initial_workers=1"
+    status, body = _unix_request(service.state / "management.sock", "POST", target, keys["management"])
+    assert 400 <= status < 500, (status, body)
+    status, body = _unix_request(service.state / "management.sock", "GET", "/models", keys["management"])
+    assert "evil" not in body
+
+
+def test_registration_of_the_stores_own_archive_is_refused_too(service, keys):
+    """`enable_model_api=false`: even an archive from the configured store cannot be (re)registered or deleted."""
+    mar = f"{service.config.model_name}.mar"
+    status, body = _unix_request(service.state / "management.sock", "POST", f"/models?url={mar}", keys["management"])
+    assert 400 <= status < 500, (status, body)
+    target = f"/models/{service.config.model_name}"
+    status, body = _unix_request(service.state / "management.sock", "DELETE", target, keys["management"])
+    assert 400 <= status < 500, (status, body)
+
+
+def test_allowed_urls_admit_only_the_configured_store(service):
+    """TorchServe checks model URLs against `allowed_urls` (a regex): only `.mar` files directly in our store."""
+    properties = (service.state / "config.properties").read_text()
+    line = next(x for x in properties.splitlines() if x.startswith("allowed_urls="))
+    pattern = line.split("=", 1)[1].replace("\\\\", "\\")
+    store = str(service.archive_dir)
+    assert re.fullmatch(pattern, f"file://{store}/{service.config.model_name}.mar")
+    for url in [
+        "https://example.com/x.mar",
+        f"file://{store}/../x.mar",
+        f"file://{store}/sub/x.mar",
+        f"file://{store}x/x.mar",
+        f"file://{store}/x.mar.zip",
+        "file:///tmp/x.mar",
+    ]:
+        assert not re.fullmatch(pattern, url), url
+    assert "enable_model_api=false" in properties and "install_py_dep_per_model=false" in properties
+
+
+def test_token_authorization_on(service, keys):
+    """Through the front (what clients use): 401 + `WWW-Authenticate: Bearer` + a JSON error for no token, a wrong
+    one, or the management key; 200 with the inference key. TorchServe's own port refuses the same requests too
+    (with its 400 `InvalidKeyException`, which the front turns into the 401)."""
+    image = next((REPO_ROOT.parent / "shared" / "data").rglob("*.jpg"), None)
+    data = image.read_bytes() if image else _png()
+    headers = {"Content-Type": "application/octet-stream"}
+    refused = [{}, {"Authorization": "Bearer not-the-key"}, {"Authorization": f"Bearer {keys['management']}"}]
+    front = f"{service.config.base_url}/predictions/{service.config.model_name}"
+    direct = f"http://127.0.0.1:{service.backend_port}/predictions/{service.config.model_name}"
+    for extra in refused:
+        response = requests.post(front, data=data, headers={**headers, **extra}, timeout=30)
+        assert response.status_code == 401, (extra, response.status_code, response.text)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert response.json()["error"]["code"] == "unauthorized"
+        backend = requests.post(direct, data=data, headers={**headers, **extra}, timeout=30)
+        assert backend.status_code in (400, 401) and "InvalidKeyException" in backend.text
+    with requests.Session() as session:  # keep-alive survives a refused request
+        right = {**headers, "Authorization": f"Bearer {keys['inference']}"}
+        assert session.post(front, data=data, headers=headers, timeout=30).status_code == 401
+        response = session.post(front, data=data, headers=right, timeout=30)
+        assert response.status_code == 200 and "cluster" in response.json()[0], response.text
+    assert requests.post(direct, data=data, headers=right, timeout=30).status_code == 200
+    assert oct(service.key_file.stat().st_mode & 0o777) == "0o600"
+    assert oct(service.state.stat().st_mode & 0o777) == "0o700"
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_default_configuration_binds_loopback_only(tmp_path, tiny_model_dir):
+    """The shipped defaults (no overrides): every address in the generated TorchServe config is loopback or a unix
+    socket, registration and per-model pip installs are off, token auth is off only because all of that holds."""
+    config = ServeConfig(model=str(tiny_model_dir), cache_dir=tmp_path)
+    assert config.host == "127.0.0.1" and config.metrics_host == "127.0.0.1" and config.management == "off"
+    properties = dict(
+        line.split("=", 1) for line in render_properties(config, tmp_path, tmp_path).splitlines() if "=" in line
+    )
+    assert properties["management_address"].startswith("unix:")
+    for key in ("inference_address", "metrics_address"):
+        assert properties[key].startswith("http://127.0.0.1:"), key
+    for key in ("grpc_inference_address", "grpc_management_address"):
+        assert properties[key] == "127.0.0.1", key
+    assert properties["enable_model_api"] == "false"
+    assert properties["install_py_dep_per_model"] == "false"
+    assert properties["enable_envvars_config"] == "false"
+    assert properties["disable_token_authorization"] == "true"
+    exposed = ServeConfig(model=str(tiny_model_dir), cache_dir=tmp_path, host="0.0.0.0")
+    assert "disable_token_authorization=false" in render_properties(exposed, tmp_path, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- source
+def _python_files(*folders: str) -> list[Path]:
+    return [p for folder in folders for p in sorted((REPO_ROOT / folder).rglob("*.py"))]
+
+
+def test_every_torch_load_uses_weights_only():
+    """Parse (not grep) the code: each `torch.load(...)` call passes `weights_only=True` literally."""
+    calls, offenders = 0, []
+    for path in _python_files("training", "deepclust", "serving", "benchmarks"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr == "load" and getattr(func.value, "id", "") == "torch":
+                calls += 1
+                weights_only = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                    offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert calls >= 1, "no torch.load found: the check is looking in the wrong place"
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_no_pickle_and_no_torch_in_serving():
+    for path in _python_files("serving"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                root = name.split(".")[0]
+                assert root not in {"pickle", "dill", "cloudpickle", "joblib", "torch", "training"}, (path, name)
+        assert "allow_pickle=True" not in path.read_text(), path
