@@ -261,7 +261,7 @@ def _parse_top_k(value: Any) -> int:
         value = value.decode("utf-8", "replace")
     try:
         top_k = int(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: JSON `1e999`/`Infinity` (issue 11)
         raise ValueError(f"top_k must be an integer, got {value!r}") from exc
     if not 0 <= top_k <= MAX_TOP_K:
         raise ValueError(f"top_k must be between 0 and {MAX_TOP_K}")

@@ -30,6 +30,7 @@ from training.models.heads import ClusteringModel
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "digits_cc_tiny.yaml"
 BN_FREE = "bn_free_cnn_test"
+LOOPBACK = "lo"
 
 if BN_FREE not in available_backbones():
 
@@ -49,37 +50,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
+def _entry(rank: int, world: int, rendezvous: str, fn: Callable[..., None], args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME=LOOPBACK)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (and lose to a race); gloo's own sockets stay on the loopback interface
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def _in_one_process_group(fn: Callable[..., None], *args: Any) -> None:
+def _in_one_process_group(rendezvous: Path, fn: Callable[..., None], *args: Any) -> None:
     """Run `fn` in this process as rank 0 of a 1-process gloo group (the distributed code path), then leave it."""
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
     try:
         fn(0, 1, *args)
     finally:
         dist.destroy_process_group()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
-def _spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
-    """`world` processes in one gloo group on loopback (a group even for world=1: the distributed code path)."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+def _spawn(rendezvous: Path, world: int, fn: Callable[..., None], *args: Any) -> None:
+    """`world` processes in one gloo group on loopback."""
+    mp.spawn(_entry, args=(world, str(rendezvous), fn, args), nprocs=world, join=True)
 
 
 # ---------------------------------------------------------------------- the distributed runs (one spawn per world size)
@@ -111,8 +104,10 @@ def _suite_worker(rank: int, world: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("distributed")
-    _spawn(2, _suite_worker, out)
-    _in_one_process_group(_suite_worker, out)  # the 1-rank reference, here (saves starting a process)
+    _spawn(out / "rendezvous-2", 2, _suite_worker, out)
+    with pytest.MonkeyPatch.context() as patch:  # the 1-rank reference runs here: saves starting a process
+        patch.setenv("GLOO_SOCKET_IFNAME", LOOPBACK)
+        _in_one_process_group(out / "rendezvous-1", _suite_worker, out)
     return {
         "one": torch.load(out / "world1-rank0.pt", weights_only=True),
         "two": [torch.load(out / f"world2-rank{r}.pt", weights_only=True) for r in range(2)],
@@ -270,7 +265,7 @@ def test_sync_batchnorm_is_refused_on_cpu_processes(runs: dict[str, Any]) -> Non
 
 # ---------------------------------------------------------------------- 3. the CLI under torchrun
 def _torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPCLUST_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPCLUST_LOG_LEVEL": "WARNING", "GLOO_SOCKET_IFNAME": LOOPBACK}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",

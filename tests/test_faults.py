@@ -3,7 +3,8 @@ time are counted and printed), the labeller SIGKILLed at random points over seve
 duplicated vs an uninterrupted run), and tampered model files refused at start with a clear message.
 
 Loops are bounded in count and time; every process started here is stopped here. One TorchServe start for the module
-(the tiny contract model: a worker restart is what is measured, and it keeps the module fast).
+(the tiny contract model: a worker restart is what is measured, and it keeps the module fast;
+`DEEPCLUST_FAULTS_MODEL=model_store/cifar10-lite0` measures the worker kill on the real model).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from conftest import REPO_ROOT, free_port
 from serving.client import Client
 from serving.labeller import read_rows
 
+pytestmark = pytest.mark.slow  # starts a real TorchServe
+
 
 # ---------------------------------------------------------------------------------------------- worker kill
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def service(tiny_model_dir, tmp_path_factory):
     from serving.server import ServeConfig, TorchServeHost
 
     config = ServeConfig(
-        model=str(tiny_model_dir),
+        model=os.environ.get("DEEPCLUST_FAULTS_MODEL", str(tiny_model_dir)),  # e.g. model_store/cifar10-lite0
         port=free_port(),
         metrics_port=free_port(),
         torchserve_metrics_port=free_port(),

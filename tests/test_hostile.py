@@ -152,6 +152,38 @@ def test_preprocess_never_raises_anything_but_image_error(data):
         assert array.dtype == np.uint8 and array.shape == (24, 24, 3)
 
 
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.fixed_dictionaries(
+            {"images": st.lists(st.text(max_size=12) | _json_values, max_size=4)},
+            optional={"top_k": st.floats() | _json_values},
+        ),
+        st.dictionaries(st.sampled_from(["images", "top_k", "x"]), _json_values, max_size=3),
+        _json_values,
+    ),
+    st.none() | st.floats() | _json_values,
+)
+def test_handler_parses_any_json_request_without_raising(body, query_top_k):
+    """Whatever JSON a client sends (TorchServe decodes it, `Infinity` and `1e999` included), parsing gives per-item
+    errors or a request-level error, never an exception: one exception would fail every request of the batch."""
+    from serving.handler import DeepclustHandler
+
+    request = {"body": body} if query_top_k is None else {"body": body, "top_k": query_top_k}
+    parsed = DeepclustHandler().parse_request(request, "application/json")
+    if parsed.request_error is not None:
+        assert parsed.request_error.error.code == "bad_request" and not parsed.items
+    else:
+        assert parsed.items and all(isinstance(i, bytes) or i.error.code == "bad_request" for i in parsed.items)
+
+
 # -------------------------------------------------------------------------------------------- the real service
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
@@ -260,6 +292,7 @@ def test_corpus_in_one_multipart_request_with_good_neighbours(service, url, corp
         for (_, data, _), entry, item in zip(parts, entries, answers, strict=True):
             _check_item(item, entry, _expected(engine, data))
     growth = _worker_rss(service) - rss_before
+    print(f"\nworker RSS {rss_before / 2**20:.0f} MiB -> {(rss_before + growth) / 2**20:.0f} MiB after 3 x corpus")
     assert growth < WORKER_RSS_GROWTH_LIMIT, f"worker RSS grew by {growth / 2**20:.0f} MiB"
 
 
@@ -375,6 +408,30 @@ def test_an_empty_raw_body_and_an_empty_file_part(service, url, good_images):
     body, content_type = _multipart([("a", b"", "image/jpeg"), ("b", good_images[0], "image/jpeg")])
     answers = requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=60).json()
     assert answers[0]["error"]["code"] == "empty" and "cluster" in answers[1]
+
+
+def test_a_poisoned_request_does_not_fail_its_batch_neighbours(service, url, good_images, engine):
+    """`top_k: 1e999` (JSON infinity) sent alongside good requests that TorchServe batches with it: it gets its own
+    400, the others their results (before the fix, the OverflowError failed the whole server-side batch)."""
+    import concurrent.futures
+
+    encoded = base64.b64encode(good_images[2]).decode()
+    poison = b'{"images": ["' + encoded.encode() + b'"], "top_k": 1e999}'
+
+    def send(i):
+        if i % 4 == 0:
+            return i, requests.post(url, data=poison, headers={"Content-Type": "application/json"}, timeout=60)
+        return i, requests.post(url, data=good_images[i], timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(16)))
+    for i, response in answers:
+        if i % 4 == 0:
+            assert response.status_code == 400, response.text[:300]
+            assert "top_k" in response.json()[0]["error"]["message"]
+        else:
+            assert response.status_code == 200, response.text[:300]
+            _check_item(response.json()[0], None, _expected(engine, good_images[i]))
 
 
 # ------------------------------------------------------------------------------------- hostile names: labeller

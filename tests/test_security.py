@@ -30,6 +30,8 @@ from conftest import REPO_ROOT, free_port
 
 from serving.server import ServeConfig, TorchServeHost, render_properties
 
+pytestmark = pytest.mark.slow  # starts a real TorchServe
+
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
