@@ -44,6 +44,21 @@ def throughput(predict, images: np.ndarray, batch: int, min_seconds: float, min_
             return done / elapsed
 
 
+def _with_store_metadata(candidate: Path, fp32: Path) -> Path:
+    """A copy of `candidate` carrying the FP32 model's deepclust.* metadata, so that the Engine accepts it."""
+    import tempfile
+
+    import onnx
+
+    from training.export import write_metadata
+
+    props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(fp32)).metadata_props}
+    out = Path(tempfile.mkdtemp()) / "model.int8.onnx"
+    out.write_bytes(candidate.read_bytes())
+    write_metadata(out, {**props, "precision": "int8"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "cifar10-lite0-cc", help="training run (torch)")
@@ -52,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=512, help="real test images used (and for agreement)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--min-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--int8-candidate",
+        type=Path,
+        help="an INT8 graph that is not in the store (e.g. one the export gate refused): measured and labelled as such",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -72,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return graph(torch.from_numpy(batch))[0].numpy()
 
+    files = {name: args.model / f for name, f in (("ort_fp32", "model.onnx"), ("ort_int8", "model.int8.onnx"))}
+    notes = {}
+    if args.int8_candidate is not None:
+        files["ort_int8"] = _with_store_metadata(args.int8_candidate, args.model / "model.onnx")
+        notes["ort_int8"] = f"candidate {args.int8_candidate.name}, not in the store (below the 99% agreement gate)"
     runtimes = {"torch_eager": eager}
-    for name, filename in (("ort_fp32", "model.onnx"), ("ort_int8", "model.int8.onnx")):
-        if (args.model / filename).exists():
-            engine = Engine(args.model / filename, providers=["cpu"], intra_op_threads=args.threads, max_batch=256)
+    for name, path in files.items():
+        if path.exists():
+            engine = Engine(path, providers=["cpu"], intra_op_threads=args.threads, max_batch=256)
             runtimes[name] = lambda batch, engine=engine: engine.run(batch).probabilities
 
     reference = np.concatenate([eager(images[i : i + 64]) for i in range(0, len(images), 64)]).argmax(1)
@@ -86,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             ips = throughput(predict, images, batch, args.min_seconds, min_images=2 * batch)
             row = {"runtime": name, "batch": batch, "images_per_s": round(ips, 1), "agreement": round(agreement, 4)}
+            if name in notes:
+                row["note"] = notes[name]
             rows.append({**row, "threads": args.threads, **provenance()})
             print(json.dumps(rows[-1]), flush=True)
 
