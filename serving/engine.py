@@ -125,8 +125,12 @@ class Engine:
         intra_op_threads: int = 0,
         max_batch: int = 64,
         warmup: bool = True,
+        spin: bool = True,
     ) -> None:
         self.model_path = Path(model_path)
+        # Busy-waiting intra-op threads are fastest on idle cores but stall when the host shares its cores with other
+        # work (the labeller's decode workers): `spin=False` lets them sleep.
+        self.spin = spin
         if not self.model_path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.model_path}")
         if max_batch < 1:
@@ -159,6 +163,8 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = max(0, int(self.intra_op_threads))
         options.inter_op_num_threads = 1
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         return options
 

@@ -543,7 +543,7 @@ class Labeller:
                 fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 raise UsageError(f"another `deepclust label` is writing {c.output} (lock {self.lock_path})") from exc
-            engine = Engine(self.model_file, intra_op_threads=c.threads, max_batch=c.batch_size)
+            engine = Engine(self.model_file, intra_op_threads=c.threads, max_batch=c.batch_size, spin=c.workers == 0)
             fingerprint = self.fingerprint(engine.sha256)
             self._check_marker(fingerprint)
             self._seed_journal_from_parquet()
