@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     from serving.engine import Engine
     from training.data.datasets import create_dataset
     from training.export import ServingGraph, uint8_images
-    from training.trainer import load_checkpoint
+    from training.trainer import load_checkpoint, resolve_checkpoint
 
     torch.set_num_threads(args.threads)
-    model, config, _ = load_checkpoint(args.run)
+    model, config, _ = load_checkpoint(resolve_checkpoint(args.run))
     graph = ServingGraph(model).eval()
     data = create_dataset(config.data.dataset, config.data.eval_split, config.data.root)
     index = np.random.default_rng(0).choice(len(data), size=args.images, replace=False)
