@@ -12,12 +12,14 @@ repository).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,42 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(tmp_path_factory: pytest.TempPathFactory, **settings) -> Iterator:
+    """A real `deepclust serve` host (front + TorchServe) on free loopback ports, stopped (and checked) on exit."""
+    from serving.server import ServeConfig, TorchServeHost
+
+    config = ServeConfig(
+        **{
+            "port": free_port(),
+            "metrics_port": free_port(),
+            "torchserve_metrics_port": free_port(),
+            "management_port": free_port(),
+            "cache_dir": tmp_path_factory.mktemp("cache"),
+            "startup_timeout_s": 240,
+            **settings,
+        }
+    )
+    host = TorchServeHost(config)
+    try:
+        host.start()
+        host.wait_ready()
+        yield host
+    finally:
+        host.stop()
+        assert host.process.poll() is not None
+
+
+def predictions_url(host) -> str:
+    return f"{host.config.base_url}/predictions/{host.config.model_name}"
+
+
+def cifar_jpegs(cifar_test_dir: Path, per_class: int) -> list[bytes]:
+    """The first `per_class` real JPEGs of every CIFAR-10 class, class by class."""
+    classes = sorted(p.name for p in cifar_test_dir.iterdir() if p.is_dir())
+    return [p.read_bytes() for c in classes for p in sorted((cifar_test_dir / c).glob("*.jpg"))[:per_class]]
 
 
 def cache_dir() -> Path:
@@ -108,9 +146,7 @@ TINY_D = 16
 TINY_SIZE = 32
 
 
-def build_tiny_onnx(
-    path: Path, *, k: int = TINY_K, dim: int = TINY_D, size: int = TINY_SIZE, seed: int = 0
-) -> None:
+def build_tiny_onnx(path: Path, *, k: int = TINY_K, dim: int = TINY_D, size: int = TINY_SIZE, seed: int = 0) -> None:
     """A linear "clusterer" on raw pixels that honours the ONNX contract exactly: input `images` uint8
     [N, size, size, 3]; outputs `probabilities` float32 [N, K], `cluster` int64 [N], `embedding` float32 [N,
     D];

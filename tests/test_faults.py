@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, cifar_jpegs, free_port, running_service
 
 from serving.client import Client
 from serving.labeller import read_rows
@@ -33,33 +33,19 @@ pytestmark = pytest.mark.slow  # starts a real TorchServe
 # ---------------------------------------------------------------------------------------------- worker kill
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
-    from serving.server import ServeConfig, TorchServeHost
-
-    config = ServeConfig(
+    with running_service(
+        tmp_path_factory,
         model=os.environ.get("DEEPCLUST_FAULTS_MODEL", str(tiny_model_dir)),  # e.g. model_store/cifar10-lite0
-        port=free_port(),
-        metrics_port=free_port(),
-        torchserve_metrics_port=free_port(),
-        cache_dir=tmp_path_factory.mktemp("cache"),
         batch_size=8,
         max_batch_delay_ms=10,
         intra_op_threads=1,
-        startup_timeout_s=240,
-    )
-    host = TorchServeHost(config)
-    try:
-        host.start()
-        host.wait_ready()
+    ) as host:
         yield host
-    finally:
-        host.stop()
-        assert host.process.poll() is not None
 
 
 @pytest.fixture(scope="module")
 def images(cifar_test_dir) -> list[bytes]:
-    classes = sorted(p.name for p in cifar_test_dir.iterdir() if p.is_dir())
-    return [p.read_bytes() for c in classes for p in sorted((cifar_test_dir / c).glob("*.jpg"))[:4]]
+    return cifar_jpegs(cifar_test_dir, 4)
 
 
 def _workers(service) -> list[psutil.Process]:

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, predictions_url, running_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -189,32 +189,19 @@ def test_handler_parses_any_json_request_without_raising(body, query_top_k):
 def service(tiny_model_dir, tmp_path_factory):
     """The service on the tiny contract model: the decode path is the same for every model, and it keeps the
     module fast (the soak benchmark uses the default model)."""
-    from serving.server import ServeConfig, TorchServeHost
-
-    config = ServeConfig(
+    with running_service(
+        tmp_path_factory,
         model=str(tiny_model_dir),
-        port=free_port(),
-        metrics_port=free_port(),
-        torchserve_metrics_port=free_port(),
-        cache_dir=tmp_path_factory.mktemp("cache"),
         batch_size=8,
         max_batch_delay_ms=20,
         intra_op_threads=1,
-        startup_timeout_s=240,
-    )
-    host = TorchServeHost(config)
-    try:
-        host.start()
-        host.wait_ready()
+    ) as host:
         yield host
-    finally:
-        host.stop()
-        assert host.process.poll() is not None
 
 
 @pytest.fixture(scope="module")
 def url(service):
-    return f"{service.config.base_url}/predictions/{service.config.model_name}"
+    return predictions_url(service)
 
 
 @pytest.fixture(scope="module")

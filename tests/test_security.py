@@ -26,34 +26,22 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, running_service
 
-from serving.server import ServeConfig, TorchServeHost, render_properties
+from serving.server import ServeConfig, render_properties
 
 pytestmark = pytest.mark.slow  # starts a real TorchServe
 
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
-    config = ServeConfig(
+    with running_service(
+        tmp_path_factory,
         model=str(tiny_model_dir),
-        port=free_port(),
-        metrics_port=free_port(),
-        torchserve_metrics_port=free_port(),
-        management_port=free_port(),
-        cache_dir=tmp_path_factory.mktemp("cache"),
         token_auth="on",
         intra_op_threads=1,
-        startup_timeout_s=240,
-    )
-    host = TorchServeHost(config)
-    try:
-        host.start()
-        host.wait_ready()
+    ) as host:
         yield host
-    finally:
-        host.stop()
-        assert host.process.poll() is not None
 
 
 @pytest.fixture(scope="module")

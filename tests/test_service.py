@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import cifar_jpegs, free_port, predictions_url, running_service
 
 from serving.client import Client, multipart
 from serving.server import ServeConfig, TorchServeHost, render_properties
@@ -31,38 +31,25 @@ def model_dir(request, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
-    config = ServeConfig(
+    with running_service(
+        tmp_path_factory,
         model=str(model_dir),
-        port=free_port(),
-        metrics_port=free_port(),
-        torchserve_metrics_port=free_port(),
-        management_port=free_port(),
-        cache_dir=tmp_path_factory.mktemp("cache"),
         batch_size=8,
         max_batch_delay_ms=50,
-        startup_timeout_s=240,
         max_request_bytes=1 << 20,
-    )
-    host = TorchServeHost(config)
-    try:
-        host.start()
-        host.wait_ready()
+    ) as host:
         yield host
-    finally:
-        host.stop()
-        assert host.process.poll() is not None
 
 
 @pytest.fixture(scope="module")
 def url(service):
-    return f"{service.config.base_url}/predictions/{service.config.model_name}"
+    return predictions_url(service)
 
 
 @pytest.fixture(scope="module")
 def images(cifar_test_dir):
     """Two real JPEGs per class (20 images)."""
-    classes = sorted(p.name for p in cifar_test_dir.iterdir() if p.is_dir())
-    return [p.read_bytes() for c in classes for p in sorted((cifar_test_dir / c).glob("*.jpg"))[:2]]
+    return cifar_jpegs(cifar_test_dir, 2)
 
 
 def _check_assignment(item, k):
