@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -416,6 +417,10 @@ class TorchServeHost:
         )
         # Thread pools: onnxruntime decides from intra_op_threads; keep the others from oversubscribing.
         env.setdefault("OMP_NUM_THREADS", "1")
+        if importlib.util.find_spec("torch") is None:
+            # TorchServe's worker imports torch only for an isinstance check; the serve install has none.
+            shim = str(Path(__file__).resolve().parent / "ts_shim")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (shim, env.get("PYTHONPATH", "")) if p)
         return env
 
     def start(self) -> None:
