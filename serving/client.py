@@ -2,8 +2,7 @@
 
 Sends several images as one multipart request (each file its own field name, so that TorchServe keeps them
 all and in
-order) or one image as the raw body, with TCP_NODELAY (see NOTES.md: Nagle + delayed ACK cost ≈ 40 ms per
-request
+order) or one image as the raw body, with TCP_NODELAY (see NOTES.md: Nagle + delayed ACK cost ≈ 40 ms per request
 on loopback otherwise) and the bearer token when token authorization is on.
 """
 

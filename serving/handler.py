@@ -3,26 +3,19 @@ postprocess).
 
 Request forms (DESIGN.md section 3), one request = one or several images:
 - raw body: one image (`curl --data-binary @cat.jpg …`);
-- multipart/form-data: several files, each part one image, answered in the order of the parts. TorchServe
-keys the
-  parts by field name, so give each file its own field name (`-F a=@x.jpg -F b=@y.jpg`; `deepclust predict`
-  does);
+- multipart/form-data: several files, each part one image, answered in the order of the parts. TorchServe keys the
+  parts by field name, so give each file its own field name (`-F a=@x.jpg -F b=@y.jpg`; `deepclust predict` does);
 - JSON `{"images": ["<base64>", …]}` (optionally `"top_k": n`).
-Response: ALWAYS a JSON list, one entry per image in request order, even for a single raw image (one rule for
-every
-client): `{"cluster", "confidence", "label"}` (+ `top_k` when asked) or `{"error": {"code", "message"}}`.
-HTTP 200
-whenever the request could be parsed (per-image errors are in the body); HTTP 400 with a one-item error list
-when
+Response: ALWAYS a JSON list, one entry per image in request order, even for a single raw image (one rule for every
+client): `{"cluster", "confidence", "label"}` (+ `top_k` when asked) or `{"error": {"code", "message"}}`. HTTP 200
+whenever the request could be parsed (per-image errors are in the body); HTTP 400 with a one-item error list when
 the request itself is unusable (no image, invalid JSON).
 
-TorchServe hands the handler several requests at once (server-side batching). All good images of all requests
-are
+TorchServe hands the handler several requests at once (server-side batching). All good images of all requests are
 decoded, run through the engine in one batch, and split back: one response per request, a bad image or a bad
 request never fails its neighbours.
 
-Configuration comes from the `deepclust serve` parent through the `DEEPCLUST_HANDLER_CONFIG` environment
-variable
+Configuration comes from the `deepclust serve` parent through the `DEEPCLUST_HANDLER_CONFIG` environment variable
 (JSON), so that the archive does not change when only a runtime setting does.
 """
 

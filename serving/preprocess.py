@@ -1,17 +1,13 @@
 """Image decoding and resizing in one place, shared by serving, labelling and training's evaluation.
 
-Why one place: a cluster id is only meaningful if every host (and the evaluation at train time) feeds the
-model the
+Why one place: a cluster id is only meaningful if every host (and the evaluation at train time) feeds the model the
 same pixels. Decisions:
-- decode with Pillow, apply the EXIF orientation, keep only the first frame of animations (GIF/WebP/APNG/TIFF
-pages);
+- decode with Pillow, apply the EXIF orientation, keep only the first frame of animations (GIF/WebP/APNG/TIFF pages);
 - any mode → RGB; an image with transparency is composited on a WHITE background (transparent pixels become
   white rather than whatever colour the encoder left behind them, which is usually black or garbage);
-- limits: `max_bytes` on the encoded data, `max_pixels` on the decoded size, checked from the header before
-any
+- limits: `max_bytes` on the encoded data, `max_pixels` on the decoded size, checked from the header before any
   pixel is decoded (Pillow's own `DecompressionBombError` also becomes `too_large`);
-- resize: bicubic to `size × size`, no crop, no aspect preservation (CIFAR-style square inputs; it is what
-training
+- resize: bicubic to `size × size`, no crop, no aspect preservation (CIFAR-style square inputs; it is what training
   evaluates with), output uint8 HWC RGB. Normalisation happens inside the ONNX model.
 """
 

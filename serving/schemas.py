@@ -1,8 +1,7 @@
 """Pydantic models shared by every host: per-image results, per-image errors and the model card
 (`model.json`).
 
-Why pydantic here: the HTTP response, the labeller rows and the card written by the exporter are external
-contracts
+Why pydantic here: the HTTP response, the labeller rows and the card written by the exporter are external contracts
 (DESIGN.md sections 2-3); validating them at the edge turns a silent schema drift into a loud error.
 """
 
