@@ -80,6 +80,23 @@ SUITES: dict[str, dict[str, Experiment]] = {
 }
 
 
+def _method_row(experiment: Experiment, config: Any, metrics: dict[str, Any], seconds: float, seed: int) -> dict:
+    """The fields every trained method's row shares (results-file schema of the issues)."""
+    return {
+        "dataset": config.data.dataset,
+        "split": config.data.eval_split,
+        "method": experiment.method,
+        "backbone": config.model.backbone + ("-frozen" if config.model.freeze_backbone else ""),
+        "acc": round(float(metrics["acc"]), 4),
+        "nmi": round(float(metrics["nmi"]), 4),
+        "ari": round(float(metrics["ari"]), 4),
+        "seconds": seconds,
+        "config": experiment.config,
+        "overrides": list(experiment.overrides),
+        "seed": seed,
+    }
+
+
 def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str, Any]:
     from training.config import load_config
     from training.trainer import Trainer
@@ -98,17 +115,7 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
     log = [json.loads(line) for line in (trainer.run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     seconds = sum(float(r.get("seconds", 0.0)) for r in log) or wall
     return {
-        "dataset": config.data.dataset,
-        "split": config.data.eval_split,
-        "method": experiment.method,
-        "backbone": config.model.backbone + ("-frozen" if config.model.freeze_backbone else ""),
-        "acc": round(float(metrics["acc"]), 4),
-        "nmi": round(float(metrics["nmi"]), 4),
-        "ari": round(float(metrics["ari"]), 4),
-        "seconds": round(seconds, 1),
-        "config": experiment.config,
-        "overrides": list(experiment.overrides),
-        "seed": seed,
+        **_method_row(experiment, config, metrics, round(seconds, 1), seed),
         "run_dir": str(trainer.run_dir),
         "extra": {
             **experiment.extra,
@@ -141,18 +148,9 @@ def scan_row(experiment: Experiment, out_dir: Path, seed: int) -> dict[str, Any]
     timings.update(summary["seconds"])  # stages that ran now; earlier ones are remembered from their run
     timings_path.write_text(_json.dumps(timings))
     upto = ("pretext", "mine", "scan") if stage == "scan" else ("pretext", "mine", "scan", "selflabel")
+    seconds = round(sum(timings.get(s, 0.0) for s in upto), 1) or round(time.perf_counter() - started, 1)
     return {
-        "dataset": config.data.dataset,
-        "split": config.data.eval_split,
-        "method": experiment.method,
-        "backbone": config.model.backbone + ("-frozen" if config.model.freeze_backbone else ""),
-        "acc": round(float(metrics["acc"]), 4),
-        "nmi": round(float(metrics["nmi"]), 4),
-        "ari": round(float(metrics["ari"]), 4),
-        "seconds": round(sum(timings.get(s, 0.0) for s in upto), 1) or round(time.perf_counter() - started, 1),
-        "config": experiment.config,
-        "overrides": list(experiment.overrides),
-        "seed": seed,
+        **_method_row(experiment, config, metrics, seconds, seed),
         "run_dir": str(config.run_dir / stage),
         "extra": {
             **experiment.extra,

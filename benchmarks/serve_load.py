@@ -110,11 +110,7 @@ def run_level(base_url: str, model_name: str, token, images, concurrency: int, s
         with Client(base_url, model_name, token=token) as client:
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
-                try:
-                    status, body = client.post(images[i % len(images)], "application/octet-stream")
-                    good = status == 200 and isinstance(body, list) and "cluster" in body[0]
-                except OSError:
-                    good = False
+                good = predict_ok(client, images[i % len(images)])
                 local.append(time.perf_counter() - t)
                 ok, bad, i = ok + good, bad + (not good), i + concurrency
         with lock:
@@ -144,6 +140,15 @@ def bench_http(target, host: TorchServeHost, images, levels, seconds, base_url: 
             rows.append(summarise(target, concurrency, latencies, good, errors, elapsed))
             print(rows[-1], flush=True)
     return rows
+
+
+def predict_ok(client, image: bytes) -> bool:
+    """One raw-body prediction; True when the service answered 200 with a cluster (errors and resets are False)."""
+    try:
+        status, body = client.post(image, "application/octet-stream")
+    except OSError:
+        return False
+    return status == 200 and isinstance(body, list) and "cluster" in body[0]
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
-from benchmarks.serve_load import _free_port, load_images, run_level  # noqa: E402
+from benchmarks.serve_load import _free_port, load_images, predict_ok, run_level  # noqa: E402
 from serving.client import Client  # noqa: E402
 from serving.server import ServeConfig, TorchServeHost  # noqa: E402
 
@@ -58,11 +58,7 @@ def paced_clients(base_url, model, token, images, clients: int, rate: float, sec
                 if time.perf_counter() >= stop_at:
                     break
                 t = time.perf_counter()
-                try:
-                    status, body = client.post(images[i % len(images)], "application/octet-stream")
-                    ok = status == 200 and isinstance(body, list) and "cluster" in body[0]
-                except OSError:
-                    ok = False
+                ok = predict_ok(client, images[i % len(images)])
                 done = time.perf_counter()
                 local.append((done - start, done - t, ok))
                 i += clients
