@@ -250,3 +250,27 @@ def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0].numpy()
     np.testing.assert_allclose(p_onnx, expected, atol=1e-4)
+
+
+def test_selflabel_selection_uses_held_out_training_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark that picks the self-labelling settings: one shared SCAN run, one self-label run per candidate,
+    the choice by ACC on a fixed subset of *training* labels (the results file goes to a temporary directory)."""
+    import benchmarks.common as common
+    from benchmarks import selflabel_select
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    argv = ["--config", TINY.name, "--thresholds", "0.5", "0.3", "--lrs", "1e-4", "--holdout", "300"]
+    assert selflabel_select.main([*argv, "--out-dir", str(tmp_path / "runs")]) == 0
+    rows = json.loads((tmp_path / "results" / "selflabel_selection.json").read_text())
+    assert [(r["selflabel_threshold"], r["selflabel_lr"]) for r in rows] == [(0.5, 1e-4), (0.3, 1e-4)]
+    assert sum(r["chosen"] for r in rows) == 1
+    assert next(r for r in rows if r["chosen"])["holdout_acc"] == max(r["holdout_acc"] for r in rows)
+    assert all(r["holdout_n"] == 300 and 0.0 < r["holdout_acc"] <= 1.0 for r in rows)
+    shared = (tmp_path / "runs" / f"{TINY.stem}-base" / "scan" / "log.jsonl").read_bytes()  # wall-clock stamped
+    for threshold in ("0.5", "0.3"):
+        run = tmp_path / "runs" / f"{TINY.stem}-t{threshold}-lr0.0001"
+        assert (run / "scan" / "log.jsonl").read_bytes() == shared  # reused, not retrained
+        assert (run / "selflabel" / "final.pt").exists()
+    subset = selflabel_select.holdout_indices(1000, 300, seed=0)
+    assert np.array_equal(subset, selflabel_select.holdout_indices(1000, 300, seed=0))
+    assert len(np.unique(subset)) == 300
