@@ -36,6 +36,9 @@ log = logging.getLogger("deepclust.export")
 OPSET = 17
 PARITY_MAX_ABS = 1e-4
 INT8_MIN_AGREEMENT = 0.99
+# The held-out choice of the float prefix asks for this much more than the gate: 2,000 images estimate the agreement
+# to about +-0.002, and a prefix that scored exactly 0.990 there measured 0.987 on the 10,000 test images.
+INT8_SELECTION_MARGIN = 0.005
 QUANTILES = [0.01, *[round(q, 2) for q in np.arange(0.05, 0.951, 0.05)], 0.99]
 
 
@@ -377,7 +380,7 @@ def export_checkpoint(
     variants: tuple[str, ...] = ("int8",),
     parity_images: int = 1000,
     calibration_images: int = 512,
-    selection_images: int = 1000,
+    selection_images: int = 2000,
     eval_limit: int | None = None,
     rebuild_command: str | None = None,
 ) -> ExportResult:
@@ -442,9 +445,11 @@ def export_checkpoint(
                 quantize_int8(fp32, int8, calibration, float_prefix=float_prefix)
                 held_out_agreement = _agreement(p_held_out, run_onnx(session(int8), held_out)[0])
                 log.info(
-                    json.dumps({"event": "int8_try", "float_prefix": float_prefix, "agreement": held_out_agreement})
+                    json.dumps(
+                        {"event": "int8_try", "float_prefix": float_prefix, "held_out_agreement": held_out_agreement}
+                    )
                 )
-                if held_out_agreement >= INT8_MIN_AGREEMENT:
+                if held_out_agreement >= INT8_MIN_AGREEMENT + INT8_SELECTION_MARGIN:
                     break
             p_int8, _ = run_onnx(session(int8), eval_images)
             int8_agreement = _agreement(p_fp32, p_int8)
