@@ -39,12 +39,15 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         if config.method.name == "scan":  # staged: pretext -> mine -> scan -> selflabel, only the missing stages
             from training.scan_pipeline import run_scan_pipeline
 
-            return {**run_scan_pipeline(config), "run_dir": str(config.run_dir)}
-        trainer = Trainer(config)
-        metrics = trainer.fit()
-        return {**metrics, "run_dir": str(trainer.run_dir)}
-    finally:
-        shutdown_distributed()
+            result = {**run_scan_pipeline(config), "run_dir": str(config.run_dir)}
+        else:
+            trainer = Trainer(config)
+            result = {**trainer.fit(), "run_dir": str(trainer.run_dir)}
+    except BaseException:
+        shutdown_distributed(wait_for_peers=False)  # a peer may be gone: a barrier could hang
+        raise
+    shutdown_distributed()
+    return result
 
 
 def run_evaluate(

@@ -85,8 +85,12 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 60) -> DistInf
     return info()
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, wait_for_peers: bool = True) -> None:
+    """Leave the process group; after a normal run, first wait until every rank is done with its collectives (rank 0
+    tearing gloo down while a peer still had work in flight aborted a resumed 2-process run under load)."""
     if is_distributed():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
