@@ -18,6 +18,8 @@ from serving.schemas import ModelCard, sha256_file
 from training.config import load_config
 from training.data.datasets import create_dataset
 from training.export import (
+    FLOAT_PREFIX_CONVS,
+    INT8_MIN_AGREEMENT,
     PARITY_MAX_ABS,
     ExportError,
     _fold_pads,
@@ -200,3 +202,19 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
     out = ort.InferenceSession(str(int8)).run(None, {"images": images[48:]})[0]
     error = np.linalg.norm(out - reference[48:]) / np.linalg.norm(reference[48:])
     assert error < 0.05, error  # 0.094 with the old recipe's shifted pads
+
+
+def test_int8_variant_passes_the_gate_and_records_it(trained_run: Path, tmp_path: Path) -> None:
+    """The INT8 path of the export: float prefix chosen on held-out training images, agreement measured on the
+    evaluation set, both written into the variant's metadata and the card."""
+    out = tmp_path / "digits-int8"
+    result = export_checkpoint(
+        trained_run, out, variants=("int8",), parity_images=360, calibration_images=256, selection_images=300
+    )
+    meta = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
+    assert meta["precision"] == "int8" and int(meta["int8_float_prefix_convs"]) in FLOAT_PREFIX_CONVS
+    assert float(meta["agreement_vs_fp32"]) == pytest.approx(result.int8_agreement, abs=1e-6)
+    assert result.int8_agreement >= INT8_MIN_AGREEMENT
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.int8.onnx")).graph.node)
+    card = ModelCard.model_validate_json((out / "model.json").read_text())
+    assert card.files["model.int8.onnx"].agreement_vs_fp32 == pytest.approx(result.int8_agreement, abs=1e-4)

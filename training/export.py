@@ -250,6 +250,9 @@ def _correct_biases(prepared: Path, quantized: Path, out: Path, calibration: np.
         and delta[n.name].ndim == 4
         and all(a.name != "auto_pad" or a.s in (b"", b"NOTSET") for a in n.attribute)
     ]
+    if not convs:  # every Conv stayed float (a small backbone inside the float prefix): nothing to correct
+        onnx.save(proto, str(out))
+        return
     for conv in convs:
         delta[conv.name] -= onnx.numpy_helper.to_array(init[conv.input[1]])
     probe = onnx.ModelProto()
@@ -296,7 +299,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, floa
         # which was the 0.8 agreement / 60 % embedding error of the earlier recipes.
         excluded += _shape_nodes(graph)
         # Everything up to the last float Conv (its Adds too, else their Q/DQ would feed the next float Conv).
-        cut = [i for i, n in enumerate(graph.node) if n.op_type == "Conv"][:float_prefix]
+        convs = [i for i, n in enumerate(graph.node) if n.op_type == "Conv"]
+        cut = convs[: min(float_prefix, len(convs) - 1)]  # at least the last Conv is quantized, or it is no INT8 graph
         excluded += [n.name for n in graph.node[: cut[-1] + 1]] if cut else []
 
         def quantize(model: Path) -> None:
