@@ -38,24 +38,12 @@ def holdout_indices(n: int, size: int, seed: int) -> np.ndarray:
 
 def train_predictions(run_dir: Path, config: Any) -> tuple[np.ndarray, np.ndarray]:
     """(clusters, labels) of the self-labelled model on the whole training split."""
-    import torch
-
-    from training.scan_pipeline import stage_config
+    from training.scan_pipeline import load_stage_weights, stage_config
     from training.trainer import CHECKPOINT_FINAL, Trainer
 
     trainer = Trainer(stage_config(config, "selflabel"))
-    state = torch.load(run_dir / "selflabel" / CHECKPOINT_FINAL, map_location=trainer.device, weights_only=True)
-    trainer.model.load_state_dict(state["model"])
-    trainer.model.head_index = int(state.get("head_index", 0))
-    trainer.model.eval()
-    labels = np.asarray(trainer.train_set.labels)  # type: ignore[attr-defined]
-    if trainer.cached:
-        features = trainer.cached_passes(trainer.train_set, config.data.train_split, ["clean"])[0]
-        with torch.inference_mode():
-            tensor = torch.from_numpy(features).to(trainer.device)
-            probabilities = torch.cat([trainer.model.cluster_head(c) for c in tensor.split(4096)]).float().cpu().numpy()
-    else:
-        probabilities, _, labels = trainer.predict(trainer.train_set)
+    load_stage_weights(trainer, run_dir / "selflabel" / CHECKPOINT_FINAL)
+    probabilities, _, labels = trainer.predict(trainer.train_set)
     return probabilities.argmax(axis=1), labels
 
 

@@ -199,6 +199,14 @@ def _shape_nodes(graph: onnx.GraphProto) -> list[str]:
     return found
 
 
+def _intermediate_session(proto: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """A session over a copy of `proto` that also outputs the named intermediate tensors."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def _fold_pads(src: Path, dst: Path, sample: np.ndarray) -> None:
     """Turn run-time computed Pad amounts (TF-"SAME" padding of the tf_* backbones) into constants when the input's
     spatial size is static; onnxruntime then fuses each Pad into its Conv instead of padding in float between Q/DQ."""
@@ -206,12 +214,7 @@ def _fold_pads(src: Path, dst: Path, sample: np.ndarray) -> None:
     initializers = {i.name for i in proto.graph.initializer}
     pads = sorted({n.input[1] for n in proto.graph.node if n.op_type == "Pad" and n.input[1] not in initializers})
     if pads and all(d.HasField("dim_value") for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(proto)
-        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(p) for p in pads)
-        values = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            pads, {proto.graph.input[0].name: sample}
-        )
+        values = _intermediate_session(proto, pads).run(pads, {proto.graph.input[0].name: sample})
         proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, p) for p, v in zip(pads, values, strict=True))
         needed, keep = {o.name for o in proto.graph.output}, []
         for node in reversed(proto.graph.node):  # drop the arithmetic that computed them
@@ -255,17 +258,15 @@ def _correct_biases(prepared: Path, quantized: Path, out: Path, calibration: np.
         return
     for conv in convs:
         delta[conv.name] -= onnx.numpy_helper.to_array(init[conv.input[1]])
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
     inputs = sorted({c.input[0] for c in convs})
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in inputs)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = _intermediate_session(proto, inputs)
     shift = {c.name: np.zeros(delta[c.name].shape[0]) for c in convs}
+    attributes = {c.name: {a.name: onnx.helper.get_attribute_value(a) for a in c.attribute} for c in convs}
     for start in range(0, len(calibration), batch):
         chunk = calibration[start : start + batch]
         acts = dict(zip(inputs, sess.run(inputs, {proto.graph.input[0].name: chunk}), strict=True))
         for conv in convs:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+            attrs = attributes[conv.name]
             top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
             x = torch.nn.functional.pad(torch.from_numpy(acts[conv.input[0]]), (left, right, top, bottom))
             y = torch.nn.functional.conv2d(
@@ -410,7 +411,8 @@ def export_checkpoint(
         require_parity(parity, str(path))
         log.info(json.dumps({"event": "parity", **parity.__dict__}))
 
-        p_fp32, _ = run_onnx(session(fp32), eval_images)
+        fp32_session = session(fp32)  # the graph, before its metadata is written: also the INT8 reference below
+        p_fp32, _ = run_onnx(fp32_session, eval_images)
         metrics, class_names = _metrics_and_names(config, eval_set, eval_index, p_fp32)
         props = _metadata(config, path, metrics, class_names, _reference_stats(p_fp32, config.model.k))
         write_metadata(fp32, {**props, "precision": "fp32"})
@@ -443,7 +445,7 @@ def export_checkpoint(
             held_out = uint8_images(
                 train_set, size, np.sort(picked[calibration_images:] if len(picked) > calibration_images else picked)
             )
-            p_held_out, _ = run_onnx(session(fp32), held_out)
+            p_held_out, _ = run_onnx(fp32_session, held_out)
             int8 = staging / "model.int8.onnx"
             for float_prefix in FLOAT_PREFIX_CONVS:
                 quantize_int8(fp32, int8, calibration, float_prefix=float_prefix)

@@ -93,22 +93,24 @@ def stage_config(config: TrainConfig, stage: str) -> TrainConfig:
     )
 
 
+def load_stage_weights(trainer: Trainer, checkpoint: Path) -> None:
+    """A stage checkpoint's weights and kept cluster head into the trainer's model."""
+    state = torch.load(checkpoint, map_location=trainer.device, weights_only=True)
+    trainer.model.load_state_dict(state["model"])
+    trainer.model.head_index = int(state.get("head_index", 0))
+
+
 def _start_from(trainer: Trainer, checkpoint: Path | None) -> None:
     """Initialise a fresh stage from the previous stage's weights (a resumed stage has its own last.pt)."""
     if checkpoint is None or (trainer.run_dir / CHECKPOINT_LAST).exists():
         return
-    state = torch.load(checkpoint, map_location=trainer.device, weights_only=True)
-    trainer.model.load_state_dict(state["model"])
-    trainer.model.head_index = int(state.get("head_index", 0))
+    load_stage_weights(trainer, checkpoint)
     log.info(json.dumps({"event": "stage_init", "stage": trainer.run_dir.name, "from": str(checkpoint)}))
 
 
 def mining_features(trainer: Trainer, source: str) -> np.ndarray:
     """Training-set embedding to mine: cached clean features, or a clean pass through the (pretext) network."""
-    if trainer.cached:
-        features = trainer.cached_passes(trainer.train_set, trainer.config.data.train_split, ["clean"])[0]
-    else:
-        _, features, _ = trainer.predict(trainer.train_set)
+    _, features, _ = trainer.predict(trainer.train_set)
     if source == "projection":
         with torch.inference_mode():
             trainer.model.eval()
@@ -158,8 +160,7 @@ def run_scan_pipeline(config: TrainConfig) -> dict[str, Any]:
         source = s.mine_on if s.mine_on != "auto" else ("projection" if pretext_ckpt is not None else "backbone")
         scan_trainer = StageTrainer(scan_cfg, SCANClustering(scan_cfg))
         if pretext_ckpt is not None:
-            state = torch.load(pretext_ckpt, map_location=scan_trainer.device, weights_only=True)
-            scan_trainer.model.load_state_dict(state["model"])
+            load_stage_weights(scan_trainer, pretext_ckpt)
         labels = np.asarray(scan_trainer.train_set.labels)  # type: ignore[attr-defined]
         if distributed.is_main_process():  # mined once, shared through the file: every rank reads rank 0's result
             neighbours = mine(

@@ -369,16 +369,16 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def predict(self, dataset: Dataset | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(probabilities, embedding, labels) on the evaluation set with the serving pre-processing."""
+        """(probabilities, embedding, labels) on the evaluation set (or the training set) with the serving
+        pre-processing; with cached frozen features, from the cached clean pass."""
         dataset = dataset if dataset is not None else self.eval_set
         self.model.eval()
         labels = np.asarray(dataset.labels)  # type: ignore[attr-defined]
-        if self.cached and dataset is self.eval_set:
-            if self._cached_eval is None:
-                self._cached_eval = self.cached_passes(dataset, self.config.data.eval_split, ["clean"])[0]
-            embedding = torch.from_numpy(self._cached_eval).to(self.device)
+        if self.cached and (dataset is self.eval_set or dataset is self.train_set):
+            features = self._clean_features(dataset)
+            embedding = torch.from_numpy(features).to(self.device)
             probabilities = torch.cat([self.model.cluster_head(chunk) for chunk in embedding.split(4096)])
-            return probabilities.float().cpu().numpy(), self._cached_eval, labels
+            return probabilities.float().cpu().numpy(), features, labels
         view = MultiView(dataset, [eval_transform(self.config.data.image_size)])
         probs, feats = [], []
         for images, _, _ in self.loader(view, 0, shuffle=False, batch_size=256):
@@ -387,6 +387,14 @@ class Trainer:
             probs.append(p.float().cpu())
             feats.append(h.float().cpu())
         return torch.cat(probs).numpy(), torch.cat(feats).numpy(), labels
+
+    def _clean_features(self, dataset: Dataset) -> np.ndarray:
+        """Cached clean-pass features of the evaluation set (kept: evaluated every few epochs) or the training set."""
+        if dataset is not self.eval_set:
+            return self.cached_passes(dataset, self.config.data.train_split, ["clean"])[0]
+        if self._cached_eval is None:
+            self._cached_eval = self.cached_passes(dataset, self.config.data.eval_split, ["clean"])[0]
+        return self._cached_eval
 
     def evaluate(self) -> EvalResult:
         probabilities, embedding, labels = self.predict()
