@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from serving.engine import Engine
+    from serving.core.engine import Engine
     from training.data.datasets import create_dataset
     from training.export import ServingGraph, uint8_images
     from training.trainer import load_checkpoint, resolve_checkpoint

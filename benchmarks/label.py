@@ -59,8 +59,8 @@ def peak_rss_mb(who: int) -> float:
 
 
 def bench_engine(engine, folder: Path, n_decoded: int, n_total: int, batch: int) -> float:
-    from serving.batch import walk_images
-    from serving.preprocess import load_image
+    from serving.core.batch import walk_images
+    from serving.core.preprocess import load_image
 
     paths = list(walk_images(folder))
     step = max(1, len(paths) // n_decoded)
@@ -95,9 +95,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating labeller/engine runs (medians)")
     args = parser.parse_args()
 
-    from serving.batch import Shard
-    from serving.engine import Engine
-    from serving.labeller import LabelConfig, Labeller, resolve_model_file
+    from serving.core.batch import Shard
+    from serving.core.engine import Engine
+    from serving.hosts.labeller.labeller import LabelConfig, Labeller, resolve_model_file
 
     folder = args.folder or cifar_test_dir()
     model_file = resolve_model_file(args.model, args.precision)

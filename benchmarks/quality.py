@@ -167,7 +167,7 @@ def kmeans_row(suite: str, seed: int) -> dict[str, Any]:
     """k-means (10 clusters) on the same inputs the methods see: raw pixels, or the frozen features."""
     from sklearn.cluster import KMeans
 
-    from serving.quality import evaluate_clustering
+    from serving.core.quality import evaluate_clustering
     from training.config import load_config
     from training.data.datasets import create_dataset
     from training.trainer import Trainer

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from serving.quality import evaluate_clustering
+    from serving.core.quality import evaluate_clustering
     from training.config import load_config
     from training.scan_pipeline import run_scan_pipeline
 

@@ -6,8 +6,9 @@ the batch size): the ceiling the service should approach. Target: service >= 0.8
 
     .venv/bin/python benchmarks/serve_load.py                   # default model, a few minutes
     .venv/bin/python benchmarks/serve_load.py --seconds 5 --concurrency 1 8
-`service` rows go through the HTTP front of `deepclust serve` (serving/front.py), as every client does; `--direct`
-adds `torchserve_direct` rows on TorchServe's internal port (same server, no front) to show the front's overhead.
+`service` rows go through the HTTP front of `deepclust serve` (serving/hosts/torchserve/front.py), as every client does;
+`--direct` adds `torchserve_direct` rows on TorchServe's internal port (same server, no front) to show the front's
+overhead.
 Writes benchmarks/results/serve_load.json (rows: target, concurrency, images_per_s, p50_ms, p99_ms, errors, ...).
 """
 
@@ -32,9 +33,9 @@ os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "100000000000")
 
 from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
 from serving.client import Client  # noqa: E402
-from serving.engine import Engine  # noqa: E402
-from serving.preprocess import load_image  # noqa: E402
-from serving.server import ServeConfig, TorchServeHost  # noqa: E402
+from serving.core.engine import Engine  # noqa: E402
+from serving.core.preprocess import load_image  # noqa: E402
+from serving.hosts.torchserve.server import ServeConfig, TorchServeHost  # noqa: E402
 
 
 def load_images(n: int) -> list[bytes]:

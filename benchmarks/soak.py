@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
 from benchmarks.serve_load import _free_port, load_images, predict_ok, run_level  # noqa: E402
 from serving.client import Client  # noqa: E402
-from serving.server import ServeConfig, TorchServeHost  # noqa: E402
+from serving.hosts.torchserve.server import ServeConfig, TorchServeHost  # noqa: E402
 
 
 def paced_clients(base_url, model, token, images, clients: int, rate: float, seconds: float) -> list[tuple]:

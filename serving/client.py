@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from serving.schemas import Assignment, ItemError
+from serving.core.results import Assignment, ItemError
 
 _RESULTS = TypeAdapter(list[Assignment | ItemError])
 

@@ -1,7 +1,7 @@
 """Shared fixtures: where the repository and the real data are, a free loopback port, and models to serve.
 
 - `tiny_model_dir`: a tiny ONNX model built with `onnx.helper` only (no torch) that honours the ONNX contract exactly
-  (DESIGN.md section 2), with a `model.json` card written through `serving.schemas.ModelCard`. Fast tests use it.
+  (DESIGN.md section 2), with a `model.json` card written through `serving.core.results.ModelCard`. Fast tests use it.
 - `default_model_dir`: the real default model `model_store/cifar10-lite0` (skipped, with the reason, if absent).
 - `cifar_test_dir`: the CIFAR-10 test JPEGs, extracted once into a cache directory (never into the repository).
 """
@@ -46,7 +46,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_service(tmp_path_factory: pytest.TempPathFactory, **settings) -> Iterator:
     """A real `deepclust serve` host (front + TorchServe) on free loopback ports, stopped (and checked) on exit."""
-    from serving.server import ServeConfig, TorchServeHost
+    from serving.hosts.torchserve.server import ServeConfig, TorchServeHost
 
     config = ServeConfig(
         **{
@@ -219,7 +219,7 @@ def tiny_metadata(k: int, size: int, class_names: list[str] | None) -> dict[str,
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`<tmp>/tiny-test/` with `model.onnx` (K=10, 32 px, CIFAR-10 class names) and its `model.json` card."""
-    from serving.schemas import ModelCard
+    from serving.core.contract import ModelCard
 
     folder = tmp_path_factory.mktemp("store") / "tiny-test"
     folder.mkdir()

@@ -242,7 +242,7 @@ def test_cached_mode_swaps_in_a_contrastive_crop_pass(tmp_path: Path, monkeypatc
 
 def test_cces_checkpoint_exports_like_cc(tmp_path: Path) -> None:
     """A CCES checkpoint (queue and boxes in its method state) exports to the same ONNX contract as CC's."""
-    from serving.schemas import ModelCard
+    from serving.core.contract import ModelCard
     from training.export import export_checkpoint
 
     trainer = _fit(tmp_path / "run", 2)

@@ -1,4 +1,4 @@
-"""Drift maths against answers known by hand (serving/drift.py)."""
+"""Drift maths against answers known by hand (serving/core/drift.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from serving import drift
+from serving.core import drift
 
 # ------------------------------------------------------------------------------------------------ PSI / JS
 

@@ -1,4 +1,4 @@
-"""serving.engine on the tiny contract model (fast) and on the real default model (when exported)."""
+"""serving.core.engine on the tiny contract model (fast) and on the real default model (when exported)."""
 
 import json
 
@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from serving.engine import Engine, EngineOutput, ModelMetadata, assign, resolve_providers
-from serving.preprocess import load_image
-from serving.schemas import ModelCard
+from serving.core.contract import ModelCard
+from serving.core.engine import Engine, EngineOutput, ModelMetadata, assign, resolve_providers
+from serving.core.preprocess import load_image
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from timm.layers import Conv2dSame
 from typer.testing import CliRunner
 
 from deepclust.cli import app
-from serving.engine import Engine
-from serving.schemas import ModelCard, sha256_file
+from serving.core.contract import ModelCard, sha256_file
+from serving.core.engine import Engine
 from training.config import load_config
 from training.data.datasets import create_dataset
 from training.export import (

@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO_ROOT, cifar_jpegs, free_port, running_service
 
 from serving.client import Client
-from serving.labeller import read_rows
+from serving.hosts.labeller.labeller import read_rows
 
 pytestmark = pytest.mark.slow  # starts a real TorchServe
 
@@ -258,7 +258,7 @@ def test_same_size_tampered_model_is_refused_by_serve_and_label(tmp_path, tiny_m
 
 def test_tampered_card_or_unlisted_model_is_refused(tmp_path, tiny_model_dir):
     """The card edited instead of the model (a forged digest), or a model file the card does not list."""
-    from serving.server import ServeConfig, TorchServeHost
+    from serving.hosts.torchserve.server import ServeConfig, TorchServeHost
 
     forged = tmp_path / "forged"
     shutil.copytree(tiny_model_dir, forged)

@@ -1,5 +1,6 @@
-"""The HTTP front (`serving.front`) against a real stdlib HTTP backend that echoes what it received, and against a
-closed port: content-type rewrite, chunked uploads, limits, 502, keep-alive, metrics. Real sockets, real `curl`.
+"""The HTTP front (`serving.hosts.torchserve.front`) against a real stdlib HTTP backend that echoes what it
+received, and against a closed port: content-type rewrite, chunked uploads, limits, 502, keep-alive, metrics. Real
+sockets, real `curl`.
 The same front in front of a real TorchServe is tested in test_service.py."""
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pytest
 from conftest import free_port
 from prometheus_client import CollectorRegistry
 
-from serving.front import Front, FrontSettings, outcome_of
-from serving.telemetry import FrontMetrics
+from serving.hosts.torchserve.front import Front, FrontSettings, outcome_of
+from serving.hosts.torchserve.telemetry import FrontMetrics
 
 CURL = shutil.which("curl")
 

@@ -14,9 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from deepclust.cli import app
-from serving.gallery import ClusterStats, build_gallery, collect
-from serving.labeller import read_rows
-from serving.quality import evaluate_clustering
+from serving.core.quality import evaluate_clustering
+from serving.hosts.labeller.gallery import ClusterStats, build_gallery, collect
+from serving.hosts.labeller.labeller import read_rows
 
 CHROMIUM = "/usr/bin/chromium"
 PER_CLASS = 20

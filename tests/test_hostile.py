@@ -1,6 +1,6 @@
 """Hostile inputs: the generated corpus (tests/corpus/generate.py) through the decode path, through the real service
 (one TorchServe start for the module) mixed with good images in the same request, a 1,000-image request, odd
-requests, a property-based fuzz of `serving.preprocess`, and hostile file names for the labeller.
+requests, a property-based fuzz of `serving.core.preprocess`, and hostile file names for the labeller.
 
 The promise checked: every item gets a clear per-item error (a known code) or the correct result (the one the
 in-process engine gives for the same bytes), its neighbours in the same request still succeed, and the worker's
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.preprocess import DecodeLimits, ImageError, load_image
+from serving.core.preprocess import DecodeLimits, ImageError, load_image
 
 KNOWN_CODES = {"empty", "decode_error", "too_large", "unsupported_format", "bad_request"}
 WORKER_RSS_GROWTH_LIMIT = 300 * (1 << 20)  # generous: one decoded 40 Mpx image would already be 120 MB
@@ -174,7 +174,7 @@ _json_values = st.recursive(
 def test_handler_parses_any_json_request_without_raising(body, query_top_k):
     """Whatever JSON a client sends (TorchServe decodes it, `Infinity` and `1e999` included), parsing gives per-item
     errors or a request-level error, never an exception: one exception would fail every request of the batch."""
-    from serving.handler import DeepclustHandler
+    from serving.hosts.torchserve.handler import DeepclustHandler
 
     request = {"body": body} if query_top_k is None else {"body": body, "top_k": query_top_k}
     parsed = DeepclustHandler().parse_request(request, "application/json")
@@ -206,7 +206,7 @@ def url(service):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from serving.engine import Engine
+    from serving.core.engine import Engine
 
     return Engine(tiny_model_dir / "model.onnx", providers=("cpu",), intra_op_threads=1, max_batch=64)
 
@@ -425,8 +425,8 @@ def test_a_poisoned_request_does_not_fail_its_batch_neighbours(service, url, goo
 def test_labeller_survives_long_and_non_utf8_names(tiny_model_dir, good_images, tmp_path):
     """255-byte names (NAME_MAX), a path near PATH_MAX, non-UTF-8 bytes, a newline, and a literal backslash-x
     name that looks like an escaped byte: one row each, none lost, none duplicated, each mapping back to its file."""
-    from serving.batch import fs_path
-    from serving.labeller import read_rows
+    from serving.core.batch import fs_path
+    from serving.hosts.labeller.labeller import read_rows
 
     root = tmp_path / "names"
     root.mkdir()

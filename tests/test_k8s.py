@@ -463,7 +463,7 @@ def test_gpu_only_in_the_gpu_overlay(objects, overlay):
 # --- the service: probes, auth, ports, config ----------------------------------------------------------------
 def _serve_config(objects, container) -> Any:
     """The effective `deepclust serve` settings of the pod: ConfigMap file + Deployment args + ENTRYPOINT."""
-    from serving.server import ServeConfig
+    from serving.hosts.torchserve.server import ServeConfig
 
     spec = pod_spec(one(objects, "Deployment"))
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/deepclust")

@@ -21,8 +21,8 @@ import pytest
 from typer.testing import CliRunner
 
 from deepclust.cli import app
-from serving.batch import PipelineOptions, Shard, display_path, run_files, walk_images
-from serving.labeller import read_rows
+from serving.core.batch import PipelineOptions, Shard, display_path, run_files, walk_images
+from serving.hosts.labeller.labeller import read_rows
 
 PER_CLASS = 30
 LONG_NAME = "l" * 240 + ".jpg"
@@ -119,8 +119,8 @@ def test_shards_are_disjoint_covering_and_stable(mixed_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------- the pipeline
 def test_pipeline_matches_the_engine_file_by_file(mixed_dir: Path, tiny_model_dir: Path) -> None:
     """Decoding in worker processes and re-batching must not mix up which result belongs to which file."""
-    from serving.engine import Engine
-    from serving.preprocess import ImageError, load_image
+    from serving.core.engine import Engine
+    from serving.core.preprocess import ImageError, load_image
 
     engine = Engine(tiny_model_dir / "model.onnx", max_batch=7)
     paths = list(walk_images(mixed_dir))

@@ -344,7 +344,7 @@ def test_unreachable_pushgateway_exits_2_but_keeps_the_json(tiny_model_dir: Path
 
 
 def test_model_agreement_with_itself_and_mmd(tiny_model_dir: Path, probe_dir: Path):
-    from serving.monitor import MonitorConfig, run_monitor
+    from serving.hosts.monitor import MonitorConfig, run_monitor
 
     report = run_monitor(
         MonitorConfig(
@@ -587,7 +587,7 @@ def test_drifted_sample_crosses_alert_thresholds_and_clean_does_not(
 
 # ------------------------------------------------------------------------------------ drift report (pure)
 def test_drift_report_with_the_exported_quantile_grid():
-    from serving.monitor import drift_report
+    from serving.hosts.monitor import drift_report
 
     levels = [0.01, *[round(q, 2) for q in np.arange(0.05, 0.951, 0.05)], 0.99]  # training/export.py
     rng = np.random.default_rng(3)

@@ -1,4 +1,4 @@
-"""serving.preprocess on real CIFAR-10 JPEGs and on every kind of awkward input."""
+"""serving.core.preprocess on real CIFAR-10 JPEGs and on every kind of awkward input."""
 
 import io
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.preprocess import DecodeLimits, ImageError, decode_image, load_image, resize_for_model
+from serving.core.preprocess import DecodeLimits, ImageError, decode_image, load_image, resize_for_model
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

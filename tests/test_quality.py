@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from serving.quality import (
+from serving.core.quality import (
     adjusted_rand_index,
     cluster_accuracy,
     evaluate_clustering,

@@ -219,7 +219,7 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path: Path) -> None:
 
 def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
     """`deepclust export <run_dir>` serves `cluster_heads[head_index]` of the pipeline's final checkpoint."""
-    from serving.schemas import ModelCard
+    from serving.core.contract import ModelCard
     from training.export import export_checkpoint, run_onnx, session, uint8_images
     from training.scan_pipeline import run_scan_pipeline
     from training.trainer import load_checkpoint

@@ -28,7 +28,7 @@ import pytest
 import requests
 from conftest import REPO_ROOT, running_service
 
-from serving.server import ServeConfig, render_properties
+from serving.hosts.torchserve.server import ServeConfig, render_properties
 
 pytestmark = pytest.mark.slow  # starts a real TorchServe
 

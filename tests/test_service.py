@@ -15,7 +15,7 @@ import requests
 from conftest import cifar_jpegs, free_port, predictions_url, running_service
 
 from serving.client import Client, multipart
-from serving.server import ServeConfig, TorchServeHost, render_properties
+from serving.hosts.torchserve.server import ServeConfig, TorchServeHost, render_properties
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_single_raw_image_answers_a_one_item_list(service, url, images):
 
 
 def service_k(service):
-    from serving.schemas import ModelCard
+    from serving.core.contract import ModelCard
 
     return ModelCard.load(service.config.model_dir).k
 
@@ -257,7 +257,7 @@ def test_management_api_is_off_and_defaults_are_loopback(service):
     )
 
 
-# --- the HTTP front (serving.front) in front of the real TorchServe ---------------------------------------------
+# --- the HTTP front (serving.hosts.torchserve.front) in front of the real TorchServe ----------------------------
 CURL = shutil.which("curl")
 
 

@@ -109,7 +109,7 @@ def test_backbones_registry_shapes() -> None:
 
 def test_effnet_lite0_loads_wheel_weights_and_features_are_informative() -> None:
     """The shipped ImageNet weights load strictly; their features separate CIFAR classes far better than chance."""
-    from serving.quality import cluster_accuracy
+    from serving.core.quality import cluster_accuracy
     from training.data.views import eval_transform
 
     backbone = create_backbone("effnet_lite0", pretrained=True).eval()

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import serving
+import serving.hosts.torchserve
 
-SHIM = Path(serving.__file__).resolve().parent / "ts_shim"
+SHIM = Path(serving.hosts.torchserve.__file__).resolve().parent / "ts_shim"
 
 
 def test_torchserve_worker_imports_with_the_stand_in_and_it_fails_loudly_elsewhere() -> None:
@@ -26,7 +26,7 @@ def test_torchserve_worker_imports_with_the_stand_in_and_it_fails_loudly_elsewhe
 
 
 def test_server_adds_the_stand_in_only_without_a_real_torch(tiny_model_dir, tmp_path) -> None:
-    from serving.server import ServeConfig, TorchServeHost
+    from serving.hosts.torchserve.server import ServeConfig, TorchServeHost
 
     host = TorchServeHost(ServeConfig(model=str(tiny_model_dir), cache_dir=tmp_path))
     # this venv has the train extra (a real torch): the worker must import the real one

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from serving.engine import METADATA_PREFIX
-from serving.preprocess import resize_for_model
-from serving.quality import evaluate_clustering
-from serving.schemas import ModelCard, sha256_file
+from serving.core.contract import ModelCard, sha256_file
+from serving.core.engine import METADATA_PREFIX
+from serving.core.preprocess import resize_for_model
+from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
 from training.models.heads import ClusteringModel

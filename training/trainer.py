@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from serving.quality import evaluate_clustering
+from serving.core.quality import evaluate_clustering
 from training import distributed
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset

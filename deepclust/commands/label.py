@@ -2,7 +2,7 @@
 
 Resumable (re-run the same command after a crash or `kill -9`: nothing is lost or duplicated), shardable for a
 Kubernetes Indexed Job (`--shard I/N`, or `JOB_COMPLETION_INDEX` + `--shard-count`/`DEEPCLUST_SHARD_COUNT`).
-The implementation (`serving.labeller`) is imported lazily so that `deepclust --help` stays fast.
+The implementation (`serving.hosts.labeller.labeller`) is imported lazily so that `deepclust --help` stays fast.
 Exit codes: 0 all files labelled, 1 finished but some files are in the errors file, 2 bad usage.
 """
 
@@ -18,7 +18,7 @@ import typer
 
 def _shard_from(shard: str | None, shard_count: int | None) -> tuple[int, int]:
     """`--shard I/N` wins; else `JOB_COMPLETION_INDEX` with `--shard-count` or `DEEPCLUST_SHARD_COUNT`; else 0/1."""
-    from serving.batch import Shard
+    from serving.core.batch import Shard
 
     if shard is not None:
         parsed = Shard.parse(shard)
@@ -66,8 +66,8 @@ def command(
     """Label every image under DIRECTORY: one row per image (path, cluster, confidence, label, sha256)."""
     from pydantic import ValidationError
 
-    from serving.batch import Shard
-    from serving.labeller import LabelConfig, Labeller, UsageError, format_summary, summary_dict
+    from serving.core.batch import Shard
+    from serving.hosts.labeller.labeller import LabelConfig, Labeller, UsageError, format_summary, summary_dict
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:

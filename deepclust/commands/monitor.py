@@ -1,6 +1,6 @@
 """`deepclust monitor`: the evaluation job (ACC/NMI/ARI with labels, drift without) into Prometheus and JSON.
 
-The implementation (`serving.monitor`) is imported inside the command, so `--help` stays instant and the
+The implementation (`serving.hosts.monitor`) is imported inside the command, so `--help` stays instant and the
 command works in the serve-only image (no torch).
 Exit codes: 0 ok; 1 finished, but some images could not be read (listed in the report); 2 bad usage, bad
 input, or the figures could not be published (the JSON report, when asked for, is written before publishing).
@@ -56,7 +56,7 @@ def command(
 
     from pydantic import ValidationError
 
-    from serving.monitor import MonitorConfig, MonitorError, PublishError, dumps, run_monitor
+    from serving.hosts.monitor import MonitorConfig, MonitorError, PublishError, dumps, run_monitor
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:

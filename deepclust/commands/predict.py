@@ -27,7 +27,7 @@ def command(
 ) -> None:
     """Print the cluster of each image, one JSON line per image, in order."""
     from serving.client import Client, ServiceError
-    from serving.schemas import ItemError
+    from serving.core.results import ItemError
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:

@@ -1,10 +1,11 @@
 """`deepclust serve`: serve a model from the store with TorchServe behind a small HTTP front (what `make serve` runs).
 
-The front (serving/front.py) owns the inference port: plain `curl --data-binary @cat.jpg http://127.0.0.1:8080/
+The front (serving/hosts/torchserve/front.py) owns the inference port: plain `curl --data-binary @cat.jpg http://127.0.0.1:8080/
 predictions/cifar10-lite0` works, bodies above `--max-request-bytes` get a 413, and it measures end-to-end latency.
 
-Settings come from an optional YAML file (`--config`, keys of `serving.server.ServeConfig`, optionally under a
-`serve:` key) and the options below override it. The implementation is imported lazily (no torch needed).
+Settings come from an optional YAML file (`--config`, keys of `serving.hosts.torchserve.server.ServeConfig`,
+optionally under a `serve:` key) and the options below override it. The implementation is imported lazily (no torch
+needed).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def command(
     """Serve a clustering model over HTTP (TorchServe + onnxruntime); Ctrl-C stops it."""
     from pydantic import ValidationError
 
-    from serving.server import ServeConfig, serve_forever
+    from serving.hosts.torchserve.server import ServeConfig, serve_forever
 
     try:
         settings = ServeConfig.load(

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from serving.preprocess import resize_for_model
+from serving.core.preprocess import resize_for_model
 
 Transform = Callable[[Image.Image], torch.Tensor]
 

@@ -250,7 +250,7 @@ def strong_features(trainer: Trainer, dataset: Dataset, split: str, view: str) -
     """
     from torch.utils.data import Subset
 
-    from serving.preprocess import resize_for_model
+    from serving.core.preprocess import resize_for_model
     from training.features import cached_embed, embed
     from training.models.backbones import create_backbone
 

@@ -31,7 +31,8 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
-from serving.schemas import Assignment, TopK, sha256_file
+from serving.core.contract import sha256_file
+from serving.core.results import Assignment, TopK
 
 log = logging.getLogger("deepclust.engine")
 

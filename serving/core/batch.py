@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.preprocess import DecodeLimits, ImageError, load_image
-from serving.schemas import Assignment, ItemError
+from serving.core.preprocess import DecodeLimits, ImageError, load_image
+from serving.core.results import Assignment, ItemError
 
 if TYPE_CHECKING:  # the engine pulls in onnxruntime; workers never need it
-    from serving.engine import Engine
+    from serving.core.engine import Engine
 
 log = logging.getLogger("deepclust.batch")
 
@@ -314,7 +314,7 @@ def run_files(
 def _infer(
     engine: Engine, images: np.ndarray, class_names: list[str] | None, options: PipelineOptions
 ) -> list[tuple[Assignment, np.ndarray | None, np.ndarray | None]]:
-    from serving.engine import assign
+    from serving.core.engine import assign
 
     output = engine.run(images)
     assignments = assign(output, class_names, top_k=options.top_k)

@@ -2,7 +2,7 @@
 foreground behind a small HTTP front.
 
 Processes and ports (defaults):
-- the HTTP front (`serving.front`, an asyncio thread of this process) on the inference address `host:port`
+- the HTTP front (`front.py`, an asyncio thread of this process) on the inference address `host:port`
   (127.0.0.1:8080): what clients, probes and `curl --data-binary @cat.jpg …/predictions/<model>` talk to. It forwards
   to TorchServe with keep-alive, turns form-encoded or untyped prediction uploads into `application/octet-stream`
   (TorchServe would answer those with a 500), enforces `max_request_bytes` (413), `max_header_bytes` (431),
@@ -55,7 +55,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.schemas import ModelCard
+from serving.core.contract import ModelCard
 
 log = logging.getLogger("deepclust.serve")
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
@@ -199,7 +199,7 @@ def archive_stamp(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> str:
 
 
 def _file_sha(path: Path) -> str:
-    from serving.schemas import sha256_file
+    from serving.core.contract import sha256_file
 
     return sha256_file(path)
 
@@ -284,7 +284,7 @@ def _prop_escape(value: str) -> str:
 
 def render_properties(config: ServeConfig, store: Path, state: Path, backend_port: int | None = None) -> str:
     """The generated TorchServe `config.properties` (documented key by key). TorchServe's inference API listens on
-    127.0.0.1:`backend_port` only: clients reach it through the HTTP front (`serving.front`) on `config.port`."""
+    127.0.0.1:`backend_port` only: clients reach it through the HTTP front (`front.py`) on `config.port`."""
     backend_port = backend_port or config.backend_port or _free_loopback_port()
     if config.management == "loopback":
         management = f"http://127.0.0.1:{config.management_port}"
@@ -401,8 +401,8 @@ class TorchServeHost:
         ]
 
     def environment(self) -> dict[str, str]:
-        from serving.handler import CONFIG_ENV
-        from serving.telemetry import MULTIPROC_ENV
+        from serving.hosts.torchserve.handler import CONFIG_ENV
+        from serving.hosts.torchserve.telemetry import MULTIPROC_ENV
 
         env = dict(os.environ)
         env.update(
@@ -426,8 +426,8 @@ class TorchServeHost:
     def start(self) -> None:
         """Start order: metrics endpoint, HTTP front (binds the public port: a busy port fails before the JVM
         starts; it answers 502 until TorchServe is up), then TorchServe."""
-        from serving.front import Front, settings_from
-        from serving.telemetry import (
+        from serving.hosts.torchserve.front import Front, settings_from
+        from serving.hosts.torchserve.telemetry import (
             FrontMetrics,
             multiprocess_registry,
             prepare_multiprocess_dir,

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from serving import drift
-from serving.quality import evaluate_clustering
+from serving.core import drift
+from serving.core.quality import evaluate_clustering
 
 log = logging.getLogger("deepclust.monitor")
 
@@ -144,9 +144,9 @@ class FolderRun:
 
 
 def list_images(folder: Path, *, max_images: int | None, seed: int) -> list[str]:
-    """The image files under `folder` in the deterministic walk order of `serving.batch`, optionally a seeded
+    """The image files under `folder` in the deterministic walk order of `serving.core.batch`, optionally a seeded
     random subset of `max_images` (kept in walk order) so a big probe set stays a bounded, repeatable job."""
-    from serving.batch import walk_images
+    from serving.core.batch import walk_images
 
     if not folder.is_dir():
         raise MonitorError(f"not a folder: {folder}")
@@ -161,7 +161,7 @@ def list_images(folder: Path, *, max_images: int | None, seed: int) -> list[str]
 
 def run_folder(engine: Any, folder: Path, paths: Sequence[str], *, batch_size: int = 64, workers: int = 1) -> FolderRun:
     """Run the engine over `paths` with the shared batch pipeline (parallel decode, per-item errors)."""
-    from serving.batch import PipelineOptions, run_files
+    from serving.core.batch import PipelineOptions, run_files
 
     options = PipelineOptions(batch_size=batch_size, workers=workers, with_embedding=True)
     run = FolderRun()
@@ -178,7 +178,7 @@ def run_folder(engine: Any, folder: Path, paths: Sequence[str], *, batch_size: i
 
 
 def _open_engine(path: Path) -> Any:
-    from serving.engine import Engine
+    from serving.core.engine import Engine
 
     try:
         return Engine(resolve_model_file(path), providers=("cpu",), max_batch=64)

@@ -3,7 +3,7 @@
 Why our own metrics: TorchServe's metrics have no histograms. We use prometheus-client in *multiprocess mode*: the
 `deepclust serve` parent creates an empty directory and passes it as `PROMETHEUS_MULTIPROC_DIR` to TorchServe, whose
 workers inherit it; each worker writes its samples (`ServiceMetrics`: images, inference time, batch size, clusters,
-confidence, model info) to memory-mapped files there. The parent's HTTP front (`serving.front`) measures what only it
+confidence, model info) to memory-mapped files there. The parent's HTTP front (`front.py`) measures what only it
 sees (`FrontMetrics`: requests by outcome and their end-to-end latency) in an ordinary registry, and the parent serves
 both in one registry on the metrics port (default `127.0.0.1:8082/metrics`). Without the multiprocess variable (a bare
 engine in a notebook, unit tests) the workers' metrics live in an ordinary per-process registry.
@@ -27,7 +27,7 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 
 
 class FrontMetrics:
-    """What only the HTTP front sees (`serving.front`): every prediction request end to end, TorchServe's queueing
+    """What only the HTTP front sees (`front.py`): every prediction request end to end, TorchServe's queueing
     and batching delay included, and requests TorchServe or the front refuse before the handler runs.
 
     Lives in the `deepclust serve` parent, in the same registry (and port) as the workers' aggregated metrics."""

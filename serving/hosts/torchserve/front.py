@@ -7,7 +7,7 @@ prediction uploads (`POST`/`PUT /predictions/...`) the front rewrites a form or 
 `application/octet-stream`, and the raw body reaches the handler as one image. Everything else is forwarded as is.
 
 It is also where the *end-to-end* latency is visible (TorchServe's queueing and batching delay included), so it owns
-`deepclust_request_duration_seconds` and `deepclust_requests_total{outcome}` (see `serving.telemetry.FrontMetrics`).
+`deepclust_request_duration_seconds` and `deepclust_requests_total{outcome}` (see `telemetry.FrontMetrics`).
 
 Behaviour, in short:
 - listens on the configured inference address; TorchServe's inference API sits on an internal loopback port;
@@ -201,7 +201,7 @@ class Front:
 
     def __init__(self, settings: FrontSettings, metrics=None) -> None:
         self.settings = settings
-        self.metrics = metrics  # serving.telemetry.FrontMetrics or None
+        self.metrics = metrics  # serving.hosts.torchserve.telemetry.FrontMetrics or None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.server: asyncio.base_events.Server | None = None
@@ -601,7 +601,7 @@ async def _relay_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 def settings_from(config, backend_port: int) -> FrontSettings:
-    """FrontSettings from a `serving.server.ServeConfig`."""
+    """FrontSettings from a `serving.hosts.torchserve.server.ServeConfig`."""
     return FrontSettings(
         host=config.host,
         port=config.port,

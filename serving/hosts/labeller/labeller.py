@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serving.batch import (
+from serving.core.batch import (
     _TOO_LARGE_MARK,
     BatchItem,
     PipelineOptions,
@@ -49,8 +49,8 @@ from serving.batch import (
     display_path,
     walk_images,
 )
-from serving.preprocess import DecodeLimits
-from serving.schemas import Assignment, ItemError
+from serving.core.preprocess import DecodeLimits
+from serving.core.results import Assignment, ItemError
 
 log = logging.getLogger("deepclust.label")
 
@@ -123,7 +123,7 @@ def verify_against_card(model_file: Path) -> None:
     card_path = model_file.parent / "model.json"
     if not card_path.is_file():
         return
-    from serving.schemas import ModelCard
+    from serving.core.contract import ModelCard
 
     card = ModelCard.load(card_path)
     if model_file.name in card.files:
@@ -532,7 +532,7 @@ class Labeller:
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> LabelSummary:
-        from serving.engine import Engine
+        from serving.core.engine import Engine
 
         c = self.config
         verify_against_card(self.model_file)
@@ -556,7 +556,7 @@ class Labeller:
         return (rel for rel in walk_images(self.config.root) if self.config.shard.owns(rel))
 
     def _run(self, engine: Any, fingerprint: dict[str, Any]) -> LabelSummary:
-        from serving.batch import run_files
+        from serving.core.batch import run_files
 
         c = self.config
         summary = LabelSummary(shard=str(c.shard), output=str(c.output), errors_file=str(self.errors.path))
@@ -612,7 +612,7 @@ class Labeller:
             write_parquet(self.rows.path, c.output, self.columns)
         self._write_marker(fingerprint, summary, complete=True)
         if c.gallery is not None:
-            from serving.gallery import build_gallery
+            from serving.hosts.labeller.gallery import build_gallery
 
             build_gallery(
                 rows=self.rows.recover(), root=c.root, output=c.gallery, model_name=c.model.name,

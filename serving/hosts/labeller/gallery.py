@@ -2,7 +2,7 @@
 
 Per cluster: size, mean confidence, the most and least confident examples (thumbnails embedded as `data:` URIs, so
 the page can be mailed or attached to a CI run), and — when the folder has class sub-folders (`DIR/<class>/x.jpg`,
-the ImageFolder layout) — ACC/NMI/ARI from `serving.quality` and the confusion matrix as an inline SVG (no plotting
+the ImageFolder layout) — ACC/NMI/ARI from `serving.core.quality` and the confusion matrix as an inline SVG (no plotting
 library). Memory is bounded: only the top/bottom `examples` rows per cluster are kept (two heaps per cluster) plus
 two small int arrays for the metrics; thumbnails are made from those few files only, after the pass over the rows.
 """
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from serving.batch import fs_path
-from serving.preprocess import DecodeLimits, decode_image
+from serving.core.batch import fs_path
+from serving.core.preprocess import DecodeLimits, decode_image
 
 THUMB_PX = 96
 
@@ -186,7 +186,7 @@ def render(
     errors: int = 0, limits: DecodeLimits = DecodeLimits(),
 ) -> str:
     """The whole page as one string (it is small: a few hundred thumbnails at most)."""
-    from serving.quality import evaluate_clustering
+    from serving.core.quality import evaluate_clustering
 
     def cluster_title(cluster: int) -> str:
         if class_names and 0 <= cluster < len(class_names):

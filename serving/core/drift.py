@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from serving.quality import adjusted_rand_index, cluster_accuracy, normalized_mutual_info
+from serving.core.quality import adjusted_rand_index, cluster_accuracy, normalized_mutual_info
 
 PSI_EPSILON = 1e-4
 """Floor for a bin's proportion in PSI. 1e-4 is below any share a real sample of < 10k images can measure,
@@ -258,7 +258,7 @@ def low_confidence_ratio(confidence: Sequence[float] | np.ndarray, threshold: fl
     """Share of assignments whose confidence is strictly below `threshold`.
 
     The monitor uses the reference's 5 % quantile (q0.05) as the threshold, so the expected share
-    under the reference is that level (5 %), the same for every model and K; see `serving.monitor`.
+    under the reference is that level (5 %), the same for every model and K; see `serving.hosts.monitor`.
     """
     return float(np.mean(_sorted_sample(confidence) < threshold))
 

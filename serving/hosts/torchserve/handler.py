@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.engine import Engine, assign
-from serving.preprocess import DecodeLimits, ImageError, load_image
-from serving.schemas import Assignment, ItemError, ModelCard
+from serving.core.contract import ModelCard
+from serving.core.engine import Engine, assign
+from serving.core.preprocess import DecodeLimits, ImageError, load_image
+from serving.core.results import Assignment, ItemError
 
 log = logging.getLogger("deepclust.handler")
 CONFIG_ENV = "DEEPCLUST_HANDLER_CONFIG"
@@ -83,7 +84,7 @@ class DeepclustHandler:
             warmup=True,
         )
         if config.get("metrics", True):
-            from serving.telemetry import ServiceMetrics
+            from serving.hosts.torchserve.telemetry import ServiceMetrics
 
             self.metrics = ServiceMetrics.get()
             name = config.get("model_name") or context.model_name
@@ -210,7 +211,7 @@ class DeepclustHandler:
 
     def _observe(self, parsed, responses, batch_size, inference_seconds) -> None:
         """Per-image and per-batch metrics. Requests and their end-to-end latency are counted by the HTTP front
-        (`serving.front`), which also sees TorchServe's queueing and the requests refused before this handler."""
+        (`front.py`), which also sees TorchServe's queueing and the requests refused before this handler."""
         m = self.metrics
         if m is None:
             return

@@ -1,0 +1,54 @@
+"""Pydantic models shared by every host: per-image results, per-image errors and the model card
+(`model.json`).
+
+Why pydantic here: the HTTP response, the labeller rows and the card written by the exporter are external contracts
+(DESIGN.md sections 2-3); validating them at the edge turns a silent schema drift into a loud error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+ERROR_CODES = ("decode_error", "too_large", "unsupported_format", "empty", "bad_request")
+ErrorCode = Literal["decode_error", "too_large", "unsupported_format", "empty", "bad_request"]
+
+
+class TopK(BaseModel):
+    """One of the best clusters for an image (only when top-k was asked for)."""
+
+    cluster: int
+    probability: float
+    label: str | None = None
+
+
+class Assignment(BaseModel):
+    """The answer for one good image: its cluster, the max probability, the class name if any."""
+
+    cluster: int
+    confidence: float
+    label: str | None = None
+    top_k: list[TopK] | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The JSON object sent to clients: `top_k` only when it was asked for."""
+        return self.model_dump(exclude_none=False, exclude={"top_k"} if self.top_k is None else set())
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ItemError(BaseModel):
+    """The answer for one bad image: it never fails the other images of the request."""
+
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, code: str, message: str) -> ItemError:
+        return cls(error=ErrorDetail(code=code, message=message))  # type: ignore[arg-type]
+
+
+ItemResult = Assignment | ItemError
