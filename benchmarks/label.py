@@ -90,17 +90,18 @@ def main() -> None:
                         help="decode workers' niceness (default: the labeller's)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--variant", default="fp32", help="fp32 | int8 | fp16, as in `deepclust label --variant`")
     parser.add_argument("--engine-images", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3, help="alternating labeller/engine runs (medians)")
     args = parser.parse_args()
 
     from serving.core.batch import Shard
     from serving.core.engine import Engine
-    from serving.hosts.labeller.labeller import LabelConfig, Labeller, resolve_model_file
+    from serving.core.model_store import resolve_model
+    from serving.hosts.labeller.labeller import LabelConfig, Labeller
 
     folder = args.folder or cifar_test_dir()
-    model_file = resolve_model_file(args.model, args.precision)
+    model_file = resolve_model(args.model, args.variant).file
     engine = None
     labeller_runs: list[float] = []
     engine_runs: list[float] = []
@@ -112,7 +113,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
             config = LabelConfig(
                 root=folder, model=args.model, output=Path(tmp) / "labels.jsonl", workers=args.workers,
-                batch_size=args.batch_size, threads=args.threads, precision=args.precision, shard=Shard(),
+                batch_size=args.batch_size, threads=args.threads, variant=args.variant, shard=Shard(),
                 progress="none", **({} if args.worker_nice is None else {"worker_nice": args.worker_nice}),
             )
             started = time.perf_counter()
@@ -128,7 +129,9 @@ def main() -> None:
     assert engine is not None
 
     row = {
-        "model": str(args.model.name), "precision": args.precision, "input_size": engine.input_size,
+        "model": str(args.model.name),
+        "precision": args.variant,  # the results files keep their column name
+        "input_size": engine.input_size,
         "workers": args.workers, "worker_nice": args.worker_nice,
         "threads": args.threads or os.cpu_count(), "batch_size": args.batch_size,
         "labeller_images_per_s": round(labeller_ips, 1),

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from serving.core.contract import ModelCard
-from serving.core.engine import Engine, EngineOutput, ModelMetadata, assign, resolve_providers
+from serving.core.contract import ModelCard, ModelMetadata
+from serving.core.engine import Engine, EngineOutput, assign, resolve_providers
 from serving.core.preprocess import load_image
 
 
@@ -21,7 +21,7 @@ def test_metadata_and_provider(tiny_engine):
     assert tiny_engine.k == 10 and tiny_engine.input_size == 32
     assert tiny_engine.metadata.method == "tiny"
     assert tiny_engine.metadata.class_names[3] == "cat"
-    assert tiny_engine.metadata.reference["cluster_hist"] == [0.1] * 10
+    assert tiny_engine.metadata.reference.cluster_hist == [0.1] * 10
     # onnxruntime-gpu lists CUDA/TensorRT here but cannot run them: the engine reports what really runs
     assert tiny_engine.provider == tiny_engine.session.get_providers()[0]
     assert tiny_engine.provider in ort.get_available_providers()

@@ -72,9 +72,9 @@ def test_graph_contract_and_metadata(exported: Path) -> None:
     engine = Engine(exported / "model.onnx", warmup=False)
     meta = engine.metadata
     assert meta.k == 10 and meta.input_size == 8 and meta.method == "cc" and len(meta.class_names) == 10
-    assert len(meta.reference["cluster_hist"]) == 10
-    assert meta.metrics["dataset"] == "digits" and meta.metrics["n"] == 360
-    assert 0.0 <= meta.metrics["acc"] <= 1.0
+    assert len(meta.reference.cluster_hist) == 10
+    assert meta.metrics.dataset == "digits" and meta.metrics.n == 360
+    assert 0.0 <= meta.metrics.acc <= 1.0
 
 
 def test_served_assignments_equal_torch_on_real_images(exported: Path, trained_run: Path) -> None:

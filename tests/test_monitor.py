@@ -329,7 +329,7 @@ def test_cli_bad_usage_exits_2(tiny_model_dir: Path, tmp_path: Path):
     empty = run_cli("--model", str(tiny_model_dir), "--sample", str(tmp_path))
     assert empty.returncode == 2 and "no image files" in empty.stderr
     missing_model = run_cli("--model", str(tmp_path / "nope"), "--sample", str(tmp_path))
-    assert missing_model.returncode == 2 and "no ONNX model" in missing_model.stderr
+    assert missing_model.returncode == 2 and "model not found" in missing_model.stderr
 
 
 def test_unreachable_pushgateway_exits_2_but_keeps_the_json(tiny_model_dir: Path, probe_dir: Path, tmp_path: Path):

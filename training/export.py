@@ -1,8 +1,9 @@
-"""Export a checkpoint to the served ONNX artifact (DESIGN.md section 2), check it, and build its variants.
+"""Export a checkpoint to the served ONNX artifact (docs/design.md §2), check it, and build its variants.
 
 The graph takes decoded uint8 pixels (N×H×W×3, RGB) and does the float conversion, layout change and normalisation
 itself, so every client sends the same thing and no client can get the normalisation wrong. The export fails loudly
-when the graph disagrees with torch eager on real evaluation images.
+when the graph disagrees with torch eager on real evaluation images. The names of the graph's input and outputs, the
+metadata and the card are the serving side's contract (`serving.core.contract`), written here and read by every host.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from serving.core.contract import ModelCard, sha256_file
-from serving.core.engine import METADATA_PREFIX
+from serving.core.contract import (
+    INPUT_NAME,
+    METADATA_PREFIX,
+    OUTPUT_NAMES,
+    ModelCard,
+    ModelFacts,
+    encode_props,
+    sha256_file,
+)
 from serving.core.preprocess import resize_for_model
 from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
@@ -69,14 +77,9 @@ def export_graph(model: ClusteringModel, input_size: int, path: Path, opset: int
             (example,),
             str(path),
             dynamo=False,
-            input_names=["images"],
-            output_names=["probabilities", "cluster", "embedding"],
-            dynamic_axes={
-                "images": {0: "batch"},
-                "probabilities": {0: "batch"},
-                "cluster": {0: "batch"},
-                "embedding": {0: "batch"},
-            },
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
             opset_version=opset,
             do_constant_folding=True,
         )
@@ -84,16 +87,16 @@ def export_graph(model: ClusteringModel, input_size: int, path: Path, opset: int
     return path
 
 
-def write_metadata(path: Path, props: dict[str, Any]) -> None:
-    """Set `deepclust.*` metadata_props (strings; JSON where structured), replacing earlier values."""
+def write_metadata(path: Path, values: dict[str, Any]) -> None:
+    """Set the `deepclust.*` metadata_props from un-prefixed `values` (encoded by the contract), replacing earlier
+    ones."""
     proto = onnx.load(str(path))
     keep = [p for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
     del proto.metadata_props[:]
     proto.metadata_props.extend(keep)
-    for key, value in props.items():
-        text = value if isinstance(value, str) else json.dumps(value)
+    for key, text in encode_props(values).items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_PREFIX + key, text
+        entry.key, entry.value = key, text
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
 
@@ -107,7 +110,7 @@ def session(path: Path) -> ort.InferenceSession:
 def run_onnx(sess: ort.InferenceSession, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     probs, embs = [], []
     for start in range(0, len(images), batch):
-        p, _, e = sess.run(None, {"images": images[start : start + batch]})
+        p, _, e = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + batch]})
         probs.append(p)
         embs.append(e)
     return np.concatenate(probs), np.concatenate(embs)
@@ -175,7 +178,7 @@ class _Calibration:
         if self._next >= self._range[1]:
             return None
         self._next += 1
-        return {"images": self._batches[self._next - 1]}
+        return {INPUT_NAME: self._batches[self._next - 1]}
 
 
 CALIBRATION_STRIDE = 4  # batches per collection round
@@ -414,22 +417,13 @@ def export_checkpoint(
         fp32_session = session(fp32)  # the graph, before its metadata is written: also the INT8 reference below
         p_fp32, _ = run_onnx(fp32_session, eval_images)
         metrics, class_names = _metrics_and_names(config, eval_set, eval_index, p_fp32)
-        props = _metadata(config, path, metrics, class_names, _reference_stats(p_fp32, config.model.k))
+        facts = _facts(config, path, metrics, class_names, _reference_stats(p_fp32, config.model.k))
+        props = facts.facts()  # the same facts go into every file's metadata and into the card
         write_metadata(fp32, {**props, "precision": "fp32"})
 
         card = ModelCard(
             name=out_dir.name,
-            method=config.method.name,
-            k=config.model.k,
-            input_size=size,
-            backbone=config.model.backbone,
-            class_names=class_names,
-            metrics=metrics,
-            reference=props["reference"],
-            source_sha256=props["source_sha256"],
-            config_sha256=props["config_sha256"],
-            created_at=props["created_at"],
-            exporter=props["exporter"],
+            **props,
             rebuild_command=rebuild_command or f"deepclust export {checkpoint} -o {out_dir}",
             parity={"n": parity.n, "max_abs_diff": parity.max_abs_diff, "agreement": parity.agreement},
         )
@@ -517,28 +511,29 @@ def _metrics_and_names(
     return metrics, names
 
 
-def _metadata(
+def _facts(
     config: TrainConfig,
     checkpoint: Path,
     metrics: dict[str, Any],
     class_names: list[str] | None,
     reference: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "method": config.method.name,
-        "k": str(config.model.k),
-        "input_size": str(config.data.image_size),
-        "backbone": config.model.backbone,
-        "class_names": class_names,
-        "metrics": metrics,
-        "reference": reference,
-        "source_sha256": sha256_file(checkpoint),
-        "config_sha256": config.digest(),
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "exporter": {
+) -> ModelFacts:
+    """What the exported model is, validated by the contract before anything is written."""
+    return ModelFacts(
+        method=config.method.name,
+        k=config.model.k,
+        input_size=config.data.image_size,
+        backbone=config.model.backbone,
+        class_names=class_names,
+        metrics=metrics,
+        reference=reference,
+        source_sha256=sha256_file(checkpoint),
+        config_sha256=config.digest(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        exporter={
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,
             "opset": OPSET,
         },
-    }
+    )

@@ -38,7 +38,9 @@ def _shard_from(shard: str | None, shard_count: int | None) -> tuple[int, int]:
 
 def command(
     directory: Path = typer.Argument(..., help="Folder of images, walked recursively (hidden entries skipped)."),
-    model: Path = typer.Option(..., "--model", "-m", help="model_store/NAME (or a .onnx file)."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="model_store/NAME, a model name in ./model_store, or a .onnx file."
+    ),
     output: Path = typer.Option(
         ..., "--output", "-o",
         help="labels.csv | labels.jsonl | labels.parquet. '{shard}' in the name is replaced by the shard index.",
@@ -56,7 +58,9 @@ def command(
         16, "--batch-size", "-b", min=1, help="Images per inference batch (16: as fast as 64 on CPU, less memory)."
     ),
     threads: int = typer.Option(0, "--threads", min=0, help="onnxruntime intra-op threads (0 = all cores)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | int8 | fp16 (model.<precision>.onnx)."),
+    variant: str = typer.Option(
+        "fp32", "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …); same as `deepclust serve`."
+    ),
     gallery: Path | None = typer.Option(None, "--gallery", help="Write a self-contained HTML cluster gallery."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard existing output instead of resuming."),
     max_mb: float = typer.Option(20.0, "--max-mb", min=0.001, help="Larger files are refused (too_large)."),
@@ -79,7 +83,7 @@ def command(
             gallery = Path(str(gallery).replace("{shard}", str(index)))
         config = LabelConfig(
             root=directory, model=model, output=output, errors=errors, top_k=top_k, shard=Shard(index, count),
-            workers=workers, batch_size=batch_size, threads=threads, precision=precision, gallery=gallery,
+            workers=workers, batch_size=batch_size, threads=threads, variant=variant, gallery=gallery,
             overwrite=overwrite, max_bytes=int(max_mb * (1 << 20)), max_pixels=max_pixels, progress=progress,
         )
         summary = Labeller(config).run()

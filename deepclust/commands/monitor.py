@@ -14,7 +14,12 @@ import typer
 
 
 def command(
-    model: Path = typer.Option(..., "--model", help="Model folder (model_store/NAME) or an ONNX file."),
+    model: Path = typer.Option(
+        ..., "--model", help="Model folder (model_store/NAME), a model name in ./model_store, or an ONNX file."
+    ),
+    variant: str = typer.Option(
+        "fp32", "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …); same as `deepclust serve`."
+    ),
     reference: Path | None = typer.Option(
         None, "--reference", help="Labelled probe set: a folder of class sub-folders → ACC/NMI/ARI."
     ),
@@ -29,7 +34,9 @@ def command(
     ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the full JSON report here."),
     compare_model: Path | None = typer.Option(
-        None, "--compare-model", help="A second model: NMI/ARI agreement of the two on the same images."
+        None,
+        "--compare-model",
+        help="A second model (a folder: its fp32 file; or an ONNX file): NMI/ARI agreement of the two models.",
     ),
     embedding_baseline: Path | None = typer.Option(
         None, "--embedding-baseline", help="Folder of baseline images: embedding MMD² (fixed RBF kernel)."
@@ -62,6 +69,7 @@ def command(
     try:
         config = MonitorConfig(
             model=model,
+            variant=variant,
             reference_dir=reference,
             sample_dir=sample,
             pushgateway=pushgateway,

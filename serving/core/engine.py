@@ -1,25 +1,20 @@
-"""The one inference engine every host uses (TorchServe handler, labeller, evaluation job): ONNX →
-onnxruntime.
+"""The one inference engine every host uses (TorchServe handler, labeller, evaluation job): ONNX → onnxruntime.
 
-Why one engine: the provider choice, the thread settings, the batching and the reading of the model's
-metadata are
-decided once, so that a cluster id means the same thing in every host. No torch here (DESIGN.md section 1).
+Why one engine: the provider choice, the thread settings, the batching and the reading of the model's metadata are
+decided once, so that a cluster id means the same thing in every host. No torch here (docs/design.md §1); the graph's
+names and metadata come from `serving.core.contract`.
 
-Provider choice: the configured preference (default TensorRT → CUDA → CPU) is filtered by what onnxruntime
-lists AND by
-a real session creation, because `onnxruntime-gpu` lists CUDA/TensorRT on machines where their libraries or a
-GPU
-are missing and then silently falls back. `Engine.provider` reports the provider that actually runs
+Provider choice: the configured preference (default TensorRT → CUDA → CPU) is filtered by what onnxruntime lists AND by
+a real session creation, because `onnxruntime-gpu` lists CUDA/TensorRT on machines where their libraries or a GPU are
+missing and then silently falls back. `Engine.provider` reports the provider that actually runs
 (`session.get_providers()[0]`), and the failed attempts are kept quiet (they are expected on a CPU machine).
-Batches larger than `max_batch` are split into chunks (the model has a dynamic batch axis, so no padding is
-needed).
+Batches larger than `max_batch` are split into chunks (the model has a dynamic batch axis, so no padding is needed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -29,9 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict
 
-from serving.core.contract import sha256_file
+from serving.core.contract import INPUT_NAME, INPUT_TYPE, OUTPUT_NAMES, ModelMetadata, sha256_file
 from serving.core.results import Assignment, TopK
 
 log = logging.getLogger("deepclust.engine")
@@ -41,47 +35,6 @@ PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "cluster", "embedding")
-METADATA_PREFIX = "deepclust."
-
-
-class ModelMetadata(BaseModel):
-    """The `deepclust.*` metadata_props of the ONNX model (DESIGN.md section 2), parsed and typed."""
-
-    model_config = ConfigDict(protected_namespaces=())
-
-    method: str
-    k: int
-    input_size: int
-    backbone: str
-    class_names: list[str] | None = None
-    metrics: dict | None = None
-    reference: dict | None = None
-    source_sha256: str | None = None
-    config_sha256: str | None = None
-    created_at: str | None = None
-    exporter: dict | None = None
-
-    @classmethod
-    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
-        """Parse `deepclust.*` string props (JSON keys decoded); `ValueError` if a required one is missing."""
-        values: dict[str, Any] = {}
-        for key, raw in props.items():
-            if not key.startswith(METADATA_PREFIX):
-                continue
-            name = key[len(METADATA_PREFIX) :]
-            if name in ("class_names", "metrics", "reference", "exporter"):
-                try:
-                    values[name] = json.loads(raw) if raw not in ("", None) else None
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"metadata {key} is not valid JSON: {exc}") from exc
-            else:
-                values[name] = raw
-        missing = [k for k in ("method", "k", "input_size", "backbone") if k not in values]
-        if missing:
-            raise ValueError(f"the ONNX model lacks metadata_props {[METADATA_PREFIX + m for m in missing]}")
-        return cls.model_validate(values)
 
 
 class EngineOutput(NamedTuple):
@@ -195,7 +148,7 @@ class Engine:
 
     def _check_contract(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
-        if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
+        if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != INPUT_TYPE:
             raise ValueError(
                 f"{self.model_path}: expected a uint8 input named '{INPUT_NAME}', got {list(inputs)}"
             )

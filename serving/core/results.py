@@ -1,8 +1,7 @@
-"""Pydantic models shared by every host: per-image results, per-image errors and the model card
-(`model.json`).
+"""The answer for one image, shared by every host: a cluster assignment or a per-image error (docs/design.md §3).
 
-Why pydantic here: the HTTP response, the labeller rows and the card written by the exporter are external contracts
-(DESIGN.md sections 2-3); validating them at the edge turns a silent schema drift into a loud error.
+Why pydantic here: the HTTP response and the labeller rows are external contracts; validating them at the edge turns a
+silent schema drift into a loud error. The model's own contract (ONNX names, metadata, card) is `serving.core.contract`.
 """
 
 from __future__ import annotations

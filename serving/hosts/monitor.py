@@ -35,6 +35,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from serving.core import drift
+from serving.core.contract import Variant
+from serving.core.model_store import ModelStoreError, resolve_model
 from serving.core.quality import evaluate_clustering
 
 log = logging.getLogger("deepclust.monitor")
@@ -77,6 +79,7 @@ class MonitorConfig(BaseModel):
     model_config = ConfigDict(protected_namespaces=(), extra="forbid")
 
     model: Path
+    variant: Variant = "fp32"
     reference_dir: Path | None = None
     sample_dir: Path | None = None
     pushgateway: str | None = None
@@ -116,18 +119,6 @@ class MonitorConfig(BaseModel):
         folder = self.reference_dir if self.reference_dir is not None else self.sample_dir
         assert folder is not None  # guaranteed by _one_mode
         return folder
-
-
-def resolve_model_file(path: Path) -> Path:
-    """`model_store/NAME` → its `model.onnx`; a file path is taken as is."""
-    candidate = path / "model.onnx" if path.is_dir() else path
-    if not candidate.is_file():
-        raise MonitorError(f"no ONNX model at {candidate}")
-    return candidate
-
-
-def model_name(path: Path) -> str:
-    return path.name if path.is_dir() else path.parent.name
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -177,11 +168,16 @@ def run_folder(engine: Any, folder: Path, paths: Sequence[str], *, batch_size: i
     return run
 
 
-def _open_engine(path: Path) -> Any:
+def _open_engine(path: Path, variant: str = "fp32") -> tuple[Any, str]:
+    """(engine, model name) of a model resolved and card-checked by the model store (same rules as every host)."""
     from serving.core.engine import Engine
 
     try:
-        return Engine(resolve_model_file(path), providers=("cpu",), max_batch=64)
+        resolved = resolve_model(path, variant)
+    except ModelStoreError as exc:
+        raise MonitorError(str(exc)) from exc
+    try:
+        return Engine(resolved.file, providers=("cpu",), max_batch=64), resolved.name
     except (OSError, ValueError) as exc:
         raise MonitorError(f"cannot load the model {path}: {exc}") from exc
 
@@ -343,8 +339,7 @@ def run_monitor(config: MonitorConfig) -> dict[str, Any]:
     report is written before publishing, so the figures are never lost)."""
     started = time.time()
     folder = config.folder
-    engine = _open_engine(config.model)
-    name = model_name(config.model)
+    engine, name = _open_engine(config.model, config.variant)
     dataset = config.dataset or folder.resolve().name
     paths = list_images(folder, max_images=config.max_images, seed=config.seed)
     run = run_folder(engine, folder, paths, batch_size=config.batch_size, workers=config.workers)
@@ -378,11 +373,12 @@ def run_monitor(config: MonitorConfig) -> dict[str, Any]:
         keep = np.array(["/" in p for p in run.paths])
         if not labelled_paths:
             raise MonitorError(f"{folder} has no images inside class sub-folders")
-        report["labelled"] = labelled_report(labelled_paths, clusters[keep], metadata.metrics)
-    if metadata.reference:
+        exported = metadata.metrics.model_dump() if "metrics" in metadata.model_fields_set else None
+        report["labelled"] = labelled_report(labelled_paths, clusters[keep], exported)
+    if metadata.reference.cluster_hist:
         try:
             report["drift"] = drift_report(
-                clusters, confidence, engine.k, metadata.reference, config.low_confidence_threshold
+                clusters, confidence, engine.k, metadata.reference.model_dump(), config.low_confidence_threshold
             )
         except MonitorError:
             if config.mode == "unlabelled":
@@ -390,13 +386,13 @@ def run_monitor(config: MonitorConfig) -> dict[str, Any]:
     elif config.mode == "unlabelled":
         raise MonitorError("the model has no deepclust.reference metadata: drift cannot be measured")
     if config.compare_model is not None:
-        other = _open_engine(config.compare_model)
+        other, other_name = _open_engine(config.compare_model)
         other_run = run_folder(other, folder, run.paths, batch_size=config.batch_size, workers=config.workers)
         common = sorted(set(run.paths) & set(other_run.paths))
         mine = dict(zip(run.paths, run.clusters, strict=True))
         theirs = dict(zip(other_run.paths, other_run.clusters, strict=True))
         report["agreement"] = {
-            "other_model": model_name(config.compare_model),
+            "other_model": other_name,
             **drift.model_agreement(np.array([mine[p] for p in common]), np.array([theirs[p] for p in common])),
         }
     if config.embedding_baseline is not None:

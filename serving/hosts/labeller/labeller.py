@@ -49,6 +49,8 @@ from serving.core.batch import (
     display_path,
     walk_images,
 )
+from serving.core.contract import Variant
+from serving.core.model_store import ModelStoreError, resolve_model
 from serving.core.preprocess import DecodeLimits
 from serving.core.results import Assignment, ItemError
 
@@ -77,7 +79,7 @@ class LabelConfig(BaseModel):
     workers: int = Field(1, ge=0, le=64)
     batch_size: int = Field(16, ge=1, le=4096)  # as fast as 64 on CPU here, a third of the RSS
     threads: int = Field(0, ge=0, le=256)
-    precision: Literal["fp32", "int8", "fp16"] = "fp32"
+    variant: Variant = "fp32"
     gallery: Path | None = None
     overwrite: bool = False
     max_bytes: int = Field(DecodeLimits().max_bytes, gt=0)
@@ -103,34 +105,6 @@ class LabelConfig(BaseModel):
 
 def output_format(path: Path) -> str:
     return path.suffix.lower().lstrip(".")
-
-
-def resolve_model_file(model: Path, precision: str) -> Path:
-    """`model_store/NAME` → its `model.onnx` (`model.int8.onnx`, …); a path to an .onnx file is used as is."""
-    if model.is_file():
-        return model
-    if not model.is_dir():
-        raise UsageError(f"model not found: {model} (expected model_store/NAME or a .onnx file)")
-    name = "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
-    path = model / name
-    if not path.is_file():
-        raise UsageError(f"{model} has no {name}")
-    return path
-
-
-def verify_against_card(model_file: Path) -> None:
-    """Refuse a model file whose sha256 differs from its card (same rule as the server)."""
-    card_path = model_file.parent / "model.json"
-    if not card_path.is_file():
-        return
-    from serving.core.contract import ModelCard
-
-    card = ModelCard.load(card_path)
-    if model_file.name in card.files:
-        try:
-            card.verify_file(model_file)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------- row codecs
@@ -435,7 +409,10 @@ class Labeller:
         self.format = output_format(config.output)
         if not config.root.is_dir():
             raise UsageError(f"not a directory: {config.root}")
-        self.model_file = resolve_model_file(config.model, config.precision)
+        try:  # the model store's one resolver: variant file, card, sha256 (same rules as `deepclust serve`)
+            self.model_file = resolve_model(config.model, config.variant).file
+        except ModelStoreError as exc:
+            raise UsageError(str(exc)) from exc
         self.columns = row_columns(config.top_k)
         rows_path = (
             config.output.with_name(config.output.name + ".journal.jsonl") if self.format == "parquet"
@@ -535,7 +512,6 @@ class Labeller:
         from serving.core.engine import Engine
 
         c = self.config
-        verify_against_card(self.model_file)
         c.output.parent.mkdir(parents=True, exist_ok=True)
         lock_fh = open(self.lock_path, "a")  # noqa: SIM115 - held for the whole run
         try:

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.core.contract import ModelCard
+from serving.core.contract import VARIANT_FILES
 from serving.core.engine import Engine, assign
+from serving.core.model_store import resolve_model
 from serving.core.preprocess import DecodeLimits, ImageError, load_image
 from serving.core.results import Assignment, ItemError
 
@@ -67,11 +68,8 @@ class DeepclustHandler:
     def initialize(self, context: Any) -> None:
         config = json.loads(os.environ.get(CONFIG_ENV) or "{}")
         model_dir = Path(context.system_properties.get("model_dir"))
-        model_file = model_dir / config.get("model_file", "model.onnx")
-        card_path = model_dir / "model.json"
-        card = ModelCard.load(card_path) if card_path.is_file() else None
-        if card is not None and card.files:
-            card.verify_file(model_file)  # refuses a file changed after export, with the rebuild command
+        # The archive holds the model file and its card: the same resolver as every host refuses a changed file.
+        model_file = resolve_model(model_dir / config.get("model_file", VARIANT_FILES["fp32"])).file
         self.limits = DecodeLimits(
             max_bytes=int(config.get("max_bytes", DecodeLimits.max_bytes)),
             max_pixels=int(config.get("max_pixels", DecodeLimits.max_pixels)),

@@ -55,11 +55,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.core.contract import ModelCard
+from serving.core.contract import CARD_NAME, ModelCard, Variant, sha256_file
+from serving.core.model_store import (
+    DEFAULT_MODEL,
+    ModelStoreError,
+    ResolvedModel,
+    default_model_store,
+    model_folder,
+    resolve_model,
+    variant_file,
+)
 
 log = logging.getLogger("deepclust.serve")
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
-HANDLER_SOURCE = Path(__file__).with_name("handler.py")
+HANDLER_SOURCE = Path(__file__).with_name("handler.py")  # copied into the .mar archive by torch-model-archiver
+TS_SHIM = Path(__file__).resolve().with_name("ts_shim")  # the torch stand-in for TorchServe's worker
 
 
 def default_cache_dir() -> Path:
@@ -67,20 +76,14 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "deepclust"
 
 
-def default_model_store() -> Path:
-    """`./model_store` when run from a checkout, else the one beside the installed (editable) package."""
-    here = Path.cwd() / "model_store"
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "model_store"
-
-
 class ServeConfig(BaseModel):
     """Everything `deepclust serve` needs; loadable from YAML, overridable from the command line."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("cifar10-lite0", description="folder name in the model store (also the URL's model name)")
+    model: str = Field(DEFAULT_MODEL, description="folder name in the model store (also the URL's model name)")
     model_store: Path = Field(default_factory=default_model_store)
-    variant: Literal["fp32", "int8", "fp16"] = "fp32"
+    variant: Variant = "fp32"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     management: Literal["off", "loopback"] = "off"
@@ -140,8 +143,7 @@ class ServeConfig(BaseModel):
     # ----------------------------------------------------------------------------------------------- derived
     @property
     def model_dir(self) -> Path:
-        candidate = Path(self.model)
-        return candidate if candidate.is_dir() else self.model_store / self.model
+        return model_folder(self.model, self.model_store)
 
     @property
     def model_name(self) -> str:
@@ -149,7 +151,7 @@ class ServeConfig(BaseModel):
 
     @property
     def model_file(self) -> Path:
-        return self.model_dir / VARIANT_FILES[self.variant]
+        return variant_file(self.model_dir, self.variant)
 
     @property
     def auth_enabled(self) -> bool:
@@ -192,29 +194,18 @@ def _url_host(host: str) -> str:
 def archive_stamp(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> str:
     """Digest of everything inside the archive: a change of model, card or handler makes it stale."""
     digest = hashlib.sha256(b"archive-layout-2")  # bump when the archiver arguments change
-    for path in (config.model_file, config.model_dir / "model.json", handler):
+    for path in (config.model_file, config.model_dir / CARD_NAME, handler):
         digest.update(path.name.encode())
-        digest.update(path.read_bytes() if path.suffix != ".onnx" else _file_sha(path).encode())
+        digest.update(path.read_bytes() if path.suffix != ".onnx" else sha256_file(path).encode())
     return digest.hexdigest()[:16]
 
 
-def _file_sha(path: Path) -> str:
-    from serving.core.contract import sha256_file
-
-    return sha256_file(path)
-
-
 def verify_model(config: ServeConfig) -> ModelCard:
-    """Refuse to serve a model file whose sha256 differs from its card (clear message; exit code 2)."""
-    if not config.model_dir.is_dir():
-        raise FileNotFoundError(
-            f"model folder not found: {config.model_dir} (train and export one, or set --model / --model-store)"
-        )
-    if not config.model_file.is_file():
-        raise FileNotFoundError(f"{config.model_file} not found (variant {config.variant!r})")
-    card = ModelCard.load(config.model_dir / "model.json")
-    card.verify_file(config.model_file)
-    return card
+    """Refuse to serve a model that is missing or whose file differs from its card (`ModelStoreError`; exit 2)."""
+    resolved: ResolvedModel = resolve_model(config.model_dir, config.variant)
+    if resolved.card is None or resolved.file != config.model_file:
+        raise ModelStoreError(f"deepclust serve serves a model store folder, not a single file: {config.model}")
+    return resolved.card
 
 
 def build_archive(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> Path:
@@ -227,7 +218,7 @@ def build_archive(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> Path:
     store.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=store.parent))
     try:
-        extra = ",".join(str(p) for p in (config.model_file, config.model_dir / "model.json"))
+        extra = ",".join(str(p) for p in (config.model_file, config.model_dir / CARD_NAME))
         archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
             "torch-model-archiver"
         )
@@ -419,8 +410,7 @@ class TorchServeHost:
         env.setdefault("OMP_NUM_THREADS", "1")
         if importlib.util.find_spec("torch") is None:
             # TorchServe's worker imports torch only for an isinstance check; the serve install has none.
-            shim = str(Path(__file__).resolve().parent / "ts_shim")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (shim, env.get("PYTHONPATH", "")) if p)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TS_SHIM), env.get("PYTHONPATH", "")) if p)
         return env
 
     def start(self) -> None:
