@@ -17,7 +17,8 @@ def command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write the full report as JSON")] = None,
 ) -> None:
     """Evaluate a checkpoint with the serving pre-processing."""
-    from training.cli_support import configure_logging, run_evaluate
+    from deepclust.logs import configure_logging
+    from training.cli_support import run_evaluate
 
     configure_logging()
     try:

@@ -24,7 +24,7 @@ def command(
     ] = None,
 ) -> None:
     """Export, check parity with torch (max |dp| <= 1e-4, 100% argmax) and write model.json; fails loudly."""
-    from training.cli_support import configure_logging
+    from deepclust.logs import configure_logging
     from training.export import ExportError, export_checkpoint
 
     configure_logging()

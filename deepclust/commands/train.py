@@ -28,7 +28,8 @@ def command(
     ] = None,
 ) -> None:
     """Train; re-running the same command resumes from the run directory's last checkpoint."""
-    from training.cli_support import configure_logging, run_train
+    from deepclust.logs import configure_logging
+    from training.cli_support import run_train
 
     configure_logging()
     extra = list(overrides or [])
