@@ -2,7 +2,7 @@
 
     python benchmarks/engine.py --run runs/cifar10-lite0-cc --model model_store/cifar10-lite0
 
-Torch eager runs in its best configuration measured here (NOTES.md: glibc malloc tuned, inference_mode); the
+Torch eager runs in its best configuration measured here (glibc malloc tuned, inference_mode); the
 script re-executes itself with that environment when it is missing, so the baseline is never the slow default.
 All runtimes see the same real CIFAR-10 test images (uint8, serving pre-processing) and the same thread count.
 Rows: `{runtime, batch, images_per_s, agreement, commit, machine}` in `benchmarks/results/engine.json`; agreement is

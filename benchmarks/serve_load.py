@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # fair torch-eager baseline (NOTES.md); harmless for the rest
+os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # fair torch-eager baseline (glibc malloc tuned); harmless for the rest
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "100000000000")
 
 from benchmarks.common import print_table, provenance, write_rows  # noqa: E402

@@ -1,7 +1,7 @@
 """A small HTTP client for the service (`deepclust predict`, tests, benchmarks).
 
 Sends several images as one multipart request (each file its own field name, so that TorchServe keeps them all and
-in order) or one image as the raw body, with TCP_NODELAY (see NOTES.md: Nagle + delayed ACK cost ≈ 40 ms per request
+in order) or one image as the raw body, with TCP_NODELAY (Nagle + delayed ACK cost ≈ 40 ms per request
 on loopback otherwise) and the bearer token when token authorization is on.
 """
 

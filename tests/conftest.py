@@ -1,7 +1,8 @@
 """Shared fixtures: where the repository and the real data are, a free loopback port, and models to serve.
 
 - `tiny_model_dir`: a tiny ONNX model built with `onnx.helper` only (no torch) that honours the ONNX contract exactly
-  (DESIGN.md section 2), with a `model.json` card written through `serving.core.results.ModelCard`. Fast tests use it.
+  (docs/design.md §2), with a `model.json` card written through `serving.core.contract.ModelCard`. Fast tests use
+  it.
 - `default_model_dir`: the real default model `model_store/cifar10-lite0` (skipped, with the reason, if absent).
 - `cifar_test_dir`: the CIFAR-10 test JPEGs, extracted once into a cache directory (never into the repository).
 """

@@ -405,7 +405,7 @@ def test_dockerignore_matcher_semantics():
     assert not is_excluded("src/a.py", rules)
     assert is_excluded("src/__pycache__/a.pyc", rules)
     assert not is_excluded("README.md", rules)
-    assert is_excluded("NOTES.md", rules)
+    assert is_excluded("CHANGES.md", rules)
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def display_path(rel: str) -> str:
     if rel.isprintable() and "\\x" not in rel:  # the common case: valid UTF-8, no control characters, no surrogates
         return rel
     # A literal backslash is escaped too (as \\x5c): otherwise a file literally named `x\\xff.jpg` and one named
-    # `x<byte 0xff>.jpg` would get the same display path, and one of them would lose its row (issue 11).
+    # `x<byte 0xff>.jpg` would get the same display path, and one of them would lose its row.
     text = os.fsencode(rel).replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
     return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
 

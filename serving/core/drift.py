@@ -4,7 +4,7 @@ numpy/scipy only (no torch, no scikit-learn), so the monitor runs in the serving
 takes plain arrays and returns plain floats, so the maths is tested on its own with known answers
 (tests/test_drift.py).
 
-Reference data (DESIGN.md section 2, `deepclust.reference` in the ONNX metadata):
+Reference data (docs/design.md §2, `deepclust.reference` in the ONNX metadata):
 - `cluster_hist`: K numbers (counts or proportions; normalised here) measured at export on the evaluation set;
 - `confidence_quantiles`: `{"0.05": q, "0.5": q, "0.95": q, ...}` of the max probability on the same set (the
   export stores 0.01, 0.05, 0.10, ..., 0.95, 0.99). The sample is compared with the piecewise-linear CDF

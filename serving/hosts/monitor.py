@@ -8,7 +8,7 @@ Two modes, one run:
   `deepclust.reference`.
 Either mode can add model-to-model agreement (`compare_model`) and embedding MMD against a baseline folder.
 
-Publishing: gauges named exactly as DESIGN.md section 4 (labels `model`, `dataset`; the Pushgateway adds
+Publishing: gauges named exactly as docs/design.md §4 (labels `model`, `dataset`; the Pushgateway adds
 `job`) plus `deepclust_eval_last_success_timestamp_seconds`, pushed with grouping key {model, dataset} so that
 runs over different datasets do not replace each other. In labelled mode the export-time ACC/NMI/ARI are
 published too, as the same gauges with `dataset="export:<dataset>:<split>"` in their own group: that lets the
@@ -41,7 +41,7 @@ from serving.core.quality import evaluate_clustering
 
 log = logging.getLogger("deepclust.monitor")
 
-EVAL_GAUGES = {  # report key → (metric name, help); DESIGN.md section 4, evaluation job
+EVAL_GAUGES = {  # report key → (metric name, help); docs/design.md §4, evaluation job
     "acc": ("deepclust_eval_accuracy", "Clustering accuracy (Hungarian) on the labelled probe set."),
     "nmi": ("deepclust_eval_nmi", "Normalised mutual information on the labelled probe set."),
     "ari": ("deepclust_eval_ari", "Adjusted Rand index on the labelled probe set."),

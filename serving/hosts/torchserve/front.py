@@ -12,7 +12,7 @@ It is also where the *end-to-end* latency is visible (TorchServe's queueing and 
 Behaviour, in short:
 - listens on the configured inference address; TorchServe's inference API sits on an internal loopback port;
 - HTTP/1.1 keep-alive towards clients and towards TorchServe (a small pool of idle backend connections),
-  `TCP_NODELAY` on both sides (NOTES.md: Nagle + delayed ACK cost ≈ 40 ms per request on loopback);
+  `TCP_NODELAY` on both sides (Nagle + delayed ACK cost ≈ 40 ms per request on loopback);
   each message head + body goes out in one write;
 - request bodies by `Content-Length` or `Transfer-Encoding: chunked` (de-chunked and forwarded with a length),
   `Expect: 100-continue` answered by the front; both length headers at once, or any other transfer coding: 400;
@@ -109,7 +109,7 @@ class Request:
 
 
 def error_response(status: int, code: str, message: str, *, keep_alive: bool = False) -> bytes:
-    """A complete HTTP/1.1 response with the service's JSON error shape (DESIGN.md section 3)."""
+    """A complete HTTP/1.1 response with the service's JSON error shape (docs/design.md §3)."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
@@ -522,7 +522,7 @@ def outcome_of(status: int, body: bytes | None, fallback: str = "") -> str:
 
 
 def _rewrite_backend_error(status: int, head: bytes, body: bytes, keep_alive: bool) -> tuple[int, bytes, bytes]:
-    """Two TorchServe answers that blame the wrong party, turned into the service's JSON errors (issue 11):
+    """Two TorchServe answers that blame the wrong party, turned into the service's JSON errors:
     - 400 `InvalidKeyException` (token authorization on, key missing or wrong) → 401 + `WWW-Authenticate: Bearer`,
       `{"error": {"code": "unauthorized", …}}` (the front's own error shape, as for 413/502);
     - 500 `ErrorDataDecoderException` (Netty's multipart decoder failed on a malformed client body, e.g. a part

@@ -1,7 +1,7 @@
 """TorchServe custom handler on the deepclust Engine (KServe-like: initialize / preprocess / inference /
 postprocess).
 
-Request forms (DESIGN.md section 3), one request = one or several images:
+Request forms (docs/design.md §3), one request = one or several images:
 - raw body: one image (`curl --data-binary @cat.jpg …`);
 - multipart/form-data: several files, each part one image, answered in the order of the parts. TorchServe keys the
   parts by field name, so give each file its own field name (`-F a=@x.jpg -F b=@y.jpg`; `deepclust predict` does);
@@ -253,7 +253,7 @@ def _parse_top_k(value: Any) -> int:
         value = value.decode("utf-8", "replace")
     try:
         top_k = int(value)
-    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: JSON `1e999`/`Infinity` (issue 11)
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: JSON `1e999`/`Infinity`
         raise ValueError(f"top_k must be an integer, got {value!r}") from exc
     if not 0 <= top_k <= MAX_TOP_K:
         raise ValueError(f"top_k must be between 0 and {MAX_TOP_K}")

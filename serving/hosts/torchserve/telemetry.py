@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service (DESIGN.md section 4), all served on one port by `deepclust serve`.
+"""Prometheus metrics of the service (docs/design.md §4), all served on one port by `deepclust serve`.
 
 Why our own metrics: TorchServe's metrics have no histograms. We use prometheus-client in *multiprocess mode*: the
 `deepclust serve` parent creates an empty directory and passes it as `PROMETHEUS_MULTIPROC_DIR` to TorchServe, whose
