@@ -81,9 +81,11 @@ SUITES: dict[str, dict[str, Experiment]] = {
 
 
 def _method_row(experiment: Experiment, config: Any, metrics: dict[str, Any], seconds: float, seed: int) -> dict:
-    """The fields every trained method's row shares (results-file schema of the issues)."""
+    """The fields every trained method's row shares (`docs/design.md`, results files): the protocol is
+    (`train_split`, `split` = the evaluation split)."""
     return {
         "dataset": config.data.dataset,
+        "train_split": config.data.train_split,
         "split": config.data.eval_split,
         "method": experiment.method,
         "backbone": config.model.backbone + ("-frozen" if config.model.freeze_backbone else ""),
@@ -98,68 +100,50 @@ def _method_row(experiment: Experiment, config: Any, metrics: dict[str, Any], se
 
 
 def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Train one row's config (any method, through the registry) and read its metrics; a staged method's row names
+    its stage in `extra["stage"]` (both SCAN rows of a config share one run directory: the second only reads)."""
     from training.config import load_config
-    from training.trainer import Trainer
+    from training.run import train
 
-    # The config's stem keeps suites apart (both have a "cc" entry).
-    name = f"{Path(experiment.config).stem}-{experiment.method.replace('/', '_')}-seed{seed}"
+    stage = experiment.extra.get("stage")
+    # The config's stem keeps suites apart (both have a "cc" entry); a staged method's rows share one run.
+    suffix = "" if stage else f"-{experiment.method.replace('/', '_')}"
+    name = f"{Path(experiment.config).stem}{suffix}-seed{seed}"
     overrides = [f"run.out_dir={out_dir}", f"run.name={name}", f"run.seed={seed}", *experiment.overrides]
     config = load_config(CONFIGS / experiment.config, overrides)
-    if config.method.name == "scan":  # staged pipeline (pretext -> mine -> scan -> selflabel), done stages skipped
-        return scan_row(experiment, out_dir, seed)
     started = time.perf_counter()
-    trainer = Trainer(config)
-    metrics = trainer.fit()
+    summary = train(config)
     wall = time.perf_counter() - started
-    # Training time from the run's own log, so that a resumed run reports all of its epochs, not the last session.
-    log = [json.loads(line) for line in (trainer.run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    seconds = sum(float(r.get("seconds", 0.0)) for r in log) or wall
-    return {
-        **_method_row(experiment, config, metrics, round(seconds, 1), seed),
-        "run_dir": str(trainer.run_dir),
-        "extra": {
-            **experiment.extra,
-            **{k: metrics[k] for k in metrics if k.startswith("extra_")},
-            "epochs": len(log),
-            "wall_seconds_this_session": round(wall, 1),
-        },
-    }
-
-
-def scan_row(experiment: Experiment, out_dir: Path, seed: int) -> dict[str, Any]:
-    """One SCAN row: both rows of a config share one run directory, so the second one only reads its stage."""
-    import json as _json
-
-    from training.config import load_config
-    from training.scan_pipeline import run_scan_pipeline
-
-    name = f"{Path(experiment.config).stem}-seed{seed}"
-    overrides = [f"run.out_dir={out_dir}", f"run.name={name}", f"run.seed={seed}", *experiment.overrides]
-    config = load_config(CONFIGS / experiment.config, overrides)
-    started = time.perf_counter()
-    summary = run_scan_pipeline(config)
-    stage = experiment.extra.get("stage", "selflabel")
-    metrics_path = config.run_dir / stage / "metrics.json"
-    if not metrics_path.exists():
-        raise RuntimeError(f"SCAN stage {stage!r} has no metrics ({summary.get('selflabel_collapse')})")
-    metrics = _json.loads(metrics_path.read_text())
-    timings_path = config.run_dir / "bench_seconds.json"
-    timings = _json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    timings.update(summary["seconds"])  # stages that ran now; earlier ones are remembered from their run
-    timings_path.write_text(_json.dumps(timings))
-    upto = ("pretext", "mine", "scan") if stage == "scan" else ("pretext", "mine", "scan", "selflabel")
-    seconds = round(sum(timings.get(s, 0.0) for s in upto), 1) or round(time.perf_counter() - started, 1)
-    return {
-        **_method_row(experiment, config, metrics, seconds, seed),
-        "run_dir": str(config.run_dir / stage),
-        "extra": {
-            **experiment.extra,
-            "neighbour_k": summary["neighbour_k"],
-            "neighbour_agreement_train": summary["neighbour_agreement"],
+    if stage is None:
+        run_dir = config.run_dir
+        metrics = summary
+        # Training time from the run's own log, so that a resumed run reports all of its epochs, not the last session.
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        seconds = round(sum(float(r.get("seconds", 0.0)) for r in log) or wall, 1)
+        extra = {"epochs": len(log)}
+    else:
+        run_dir = config.run_dir / stage
+        if not (run_dir / "metrics.json").exists():
+            raise RuntimeError(f"stage {stage!r} has no metrics (stopped: {summary.get('stopped')})")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        timings_path = config.run_dir / "bench_seconds.json"
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+        timings.update(summary["seconds"])  # stages that ran now; earlier ones are remembered from their run
+        timings_path.write_text(json.dumps(timings))
+        order = ["pretext", "mine", "scan", "selflabel"]
+        upto = order[: order.index(stage) + 1]
+        seconds = round(sum(timings.get(s, 0.0) for s in upto), 1) or round(wall, 1)
+        extra = {
+            "neighbour_k": summary.get("neighbour_k"),
+            "neighbour_agreement_train": summary.get("neighbour_agreement"),
             "head_index": metrics.get("head_index", summary["head_index"]),
             "stage_seconds": {s: timings[s] for s in upto if s in timings},
-            "selflabel_collapse": summary["selflabel_collapse"],
-        },
+            "stopped": summary.get("stopped"),
+        }
+    return {
+        **_method_row(experiment, config, metrics, seconds, seed),
+        "run_dir": str(run_dir),
+        "extra": {**experiment.extra, **extra, "wall_seconds_this_session": round(wall, 1)},
     }
 
 
@@ -181,8 +165,8 @@ def kmeans_row(suite: str, seed: int) -> dict[str, Any]:
     else:
         config = load_config(CONFIGS / SUITES[suite]["cc"].config, ["run.out_dir=/tmp/deepclust-kmeans"])
         trainer = Trainer(config)
-        x_train = trainer.cached_passes(trainer.train_set, "train", ["clean"])[0]
-        x_test = trainer.cached_passes(trainer.eval_set, "test", ["clean"])[0]
+        x_train = trainer.cached_passes(trainer.train_set, ["clean"])[0]
+        x_test = trainer.cached_passes(trainer.eval_set, ["clean"])[0]
         x_train = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
         x_test = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
         y_test, backbone, dataset = trainer.eval_set.labels, config.model.backbone + "-frozen", "cifar10"

@@ -38,11 +38,10 @@ def holdout_indices(n: int, size: int, seed: int) -> np.ndarray:
 
 def train_predictions(run_dir: Path, config: Any) -> tuple[np.ndarray, np.ndarray]:
     """(clusters, labels) of the self-labelled model on the whole training split."""
-    from training.scan_pipeline import load_stage_weights, stage_config
-    from training.trainer import CHECKPOINT_FINAL, Trainer
+    from training.trainer import CHECKPOINT_FINAL, Trainer, load_stage_weights
 
-    trainer = Trainer(stage_config(config, "selflabel"))
-    load_stage_weights(trainer, run_dir / "selflabel" / CHECKPOINT_FINAL)
+    trainer = Trainer(config)
+    load_stage_weights(trainer.model, run_dir / "selflabel" / CHECKPOINT_FINAL)
     probabilities, _, labels = trainer.predict(trainer.train_set)
     return probabilities.argmax(axis=1), labels
 
@@ -60,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.core.quality import evaluate_clustering
     from training.config import load_config
-    from training.scan_pipeline import run_scan_pipeline
+    from training.run import train
 
     stem = Path(args.config).stem
     common = [f"run.out_dir={args.out_dir}", f"run.seed={args.seed}"]
     # The shared SCAN run: everything up to clustering, no self-labelling.
     base = load_config(CONFIGS / args.config, [*common, f"run.name={stem}-base", "method.selflabel_epochs=0"])
     started = time.perf_counter()
-    run_scan_pipeline(base)
+    train(base)
     base_seconds = round(time.perf_counter() - started, 1)
 
     rows: list[dict[str, Any]] = []
@@ -86,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 if source.exists() and not target.exists():
                     (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
             started = time.perf_counter()
-            summary = run_scan_pipeline(config)
+            summary = train(config)
             seconds = round(time.perf_counter() - started, 1)
             row: dict[str, Any] = {
                 "dataset": config.data.dataset,
                 "config": args.config,
                 "selflabel_threshold": threshold,
                 "selflabel_lr": lr,
-                "collapse": summary["selflabel_collapse"] is not None,
+                "collapse": summary["stopped"] is not None,
                 "seconds": seconds,
             }
             if summary["stage"] == "selflabel":

@@ -12,8 +12,8 @@ from PIL import Image
 
 from training.config import load_config
 from training.data.ccrop import (
-    BatchContrastiveCrop,
-    ContrastiveCropView,
+    BoxState,
+    ContrastiveCrop,
     boxes_from_heatmaps,
     heatmaps_from_feature_maps,
     sample_centres,
@@ -110,19 +110,20 @@ def test_batched_and_pil_crops_take_their_content_from_the_box() -> None:
     size, n = 32, 64
     ramp = torch.linspace(0, 1, 64).view(1, 1, 1, 64).expand(n, 3, 64, 64).contiguous()  # value = x position
     boxes = torch.tensor([[0.0, 0.0, 0.2, 1.0], [0.8, 0.0, 1.0, 1.0]]).repeat(n // 2, 1)
-    augment = BatchContrastiveCrop(size, boxes, alpha=0.6, strength=0.0, min_scale=0.02)
+    state = BoxState(boxes)
+    recipe = ContrastiveCrop(size, strength=0.0, min_scale=0.02, alpha=0.6, state=state)
+    augment = recipe.batched()
     augment.grayscale_p = 0.0
     indices = torch.arange(n)
     assert torch.equal(augment(ramp, indices), augment(ramp, indices)) is False  # inactive: still random plain crops
-    augment.active = True
+    state.active = True  # one state shared by every runner of the recipe
     out = augment(ramp, indices)
     assert out.shape == (n, 3, size, size)
     centre = out[:, 0, size // 2 - 1 : size // 2 + 1, size // 2 - 1 : size // 2 + 1].mean(dim=(1, 2))
     # centred on the left / right strip, or as near to it as a large crop allows (never past the middle)
     assert (centre[0::2] <= 0.5 + 1e-4).all() and (centre[1::2] >= 0.5 - 1e-4).all()
     assert float(centre[0::2].mean()) < 0.4 < 0.6 < float(centre[1::2].mean())
-    view = ContrastiveCropView(size, boxes, alpha=0.6, strength=0.0, min_scale=0.02)
-    view.active = True
+    view = recipe.per_image()
     image = Image.fromarray((ramp[0].permute(1, 2, 0).numpy() * 255).astype("uint8"))
     left = torch.stack([view(image, 0) for _ in range(20)])
     right = torch.stack([view(image, 1) for _ in range(20)])
@@ -207,7 +208,7 @@ def test_resume_restores_queue_and_boxes_exactly(tmp_path: Path) -> None:
     assert straight.method.queue.ptr == resumed.method.queue.ptr
     assert torch.equal(straight.method.boxes, resumed.method.boxes)
     assert len(resumed.method.boxes) == len(resumed.train_set)
-    assert all(view.active for view in resumed.method._crop_views)
+    assert resumed.method.box_state.active and resumed.method.box_state.boxes is resumed.method.boxes
     for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
 
@@ -232,12 +233,14 @@ def test_cached_mode_swaps_in_a_contrastive_crop_pass(tmp_path: Path, monkeypatc
     )
     trainer = Trainer(config)
     trainer.fit()
-    passes = trainer.train_data.passes
-    plain = trainer.cached_passes(trainer.train_set, "train", ["aug1"])[0]
+    passes = trainer.method._cached_data.passes
+    plain = trainer.cached_passes(trainer.train_set, ["aug1"])[0]
     assert len(passes) == 3 and not torch.equal(passes[-1], torch.from_numpy(plain))
     assert trainer.method.boxes.shape == (len(trainer.train_set), 4)
-    views = {json.loads(p.read_text())["view"] for p in (tmp_path / "cache" / "features").glob("*.json")}
-    assert {"clean", "aug0", "aug1", "heatmap", "ccrop0"} <= views  # both CCES passes are cached on disk
+    keys = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "features").glob("*.json")]
+    kinds = {(k["recipe"] if isinstance(k["recipe"], str) else k["recipe"]["kind"], k["seed"]) for k in keys}
+    expected = {("clean", 0), ("crop_jitter", 1000), ("crop_jitter", 1001), ("heatmap", 0), ("contrastive_crop", 2000)}
+    assert expected <= kinds  # both CCES passes are cached on disk
 
 
 def test_cces_checkpoint_exports_like_cc(tmp_path: Path) -> None:

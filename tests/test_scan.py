@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from training.config import SCANConfig, load_config
+from training.data.batch_augment import StrongAugment
 from training.methods.scan import (
     CollapseError,
     SCANClustering,
     SelfLabel,
-    StrongAugment,
     check_collapse,
     inverse_frequency_weights,
     scan_consistency,
@@ -88,13 +88,11 @@ def test_scan_method_keeps_the_lowest_loss_head() -> None:
     head_losses = [float(out[f"head{i}"]) for i in range(3)]
     assert float(out["loss"].detach()) == pytest.approx(sum(head_losses), rel=1e-5)
 
-    class FakeTrainer:
-        pass
+    from types import SimpleNamespace
 
-    trainer = FakeTrainer()
-    trainer.model = model  # type: ignore[attr-defined]
+    ctx = SimpleNamespace(model=model)  # the one field of MethodContext this hook reads
     losses = {f"head{i}": head_losses[i] for i in range(3)}
-    method.on_epoch_end(trainer, losses)  # type: ignore[arg-type]
+    method.on_epoch_end(ctx, 0, losses)  # type: ignore[arg-type]
     assert model.head_index == int(np.argmin(head_losses)) == losses["head_index"]
 
 
@@ -183,7 +181,7 @@ def test_scan_config_defaults_follow_the_paper() -> None:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def test_pipeline_runs_all_stages_then_skips_them(tmp_path: Path) -> None:
-    from training.scan_pipeline import run_scan_pipeline
+    from training.run import train as run_scan_pipeline
     from training.trainer import load_checkpoint
 
     overrides = [f"run.out_dir={tmp_path}", "run.max_steps_per_epoch=2", "data.subset=512", "data.eval_subset=256"]
@@ -192,7 +190,8 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path: Path) -> None:
     run = config.run_dir
     for artifact in ("pretext/final.pt", "neighbours.npz", "scan/final.pt", "final.pt", "metrics.json"):
         assert (run / artifact).exists(), artifact
-    assert (run / "selflabel" / "final.pt").exists() or (run / "selflabel" / "collapse.json").exists()
+    assert (run / "selflabel" / "final.pt").exists() != (run / "selflabel" / "stopped.json").exists()
+    assert metrics["stage"] == ("selflabel" if (run / "selflabel" / "final.pt").exists() else "scan")
     neighbours = Neighbours.load(run / "neighbours.npz")
     assert neighbours.indices.shape == (512, 5) and neighbours.source == "projection"
     assert 0.0 <= metrics["neighbour_agreement"] <= 1.0 and metrics["neighbour_k"] == 5
@@ -214,14 +213,39 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path: Path) -> None:
         path.unlink()
     run_scan_pipeline(config)
     assert (run / "scan" / "final.pt").stat().st_mtime_ns == stamps[run / "scan" / "final.pt"]
-    assert (selflabel / "final.pt").exists() or (selflabel / "collapse.json").exists()
+    assert (selflabel / "final.pt").exists() != (selflabel / "stopped.json").exists()
+
+
+def test_scan_resumes_inside_a_stage_exactly(tmp_path: Path) -> None:
+    """A SCAN stage interrupted after its first epoch resumes from its own last.pt and ends where an uninterrupted
+    run ends (same weights), without retraining the stages before it."""
+    from training.run import train
+    from training.trainer import load_checkpoint
+
+    common = ["run.max_steps_per_epoch=2", "data.subset=256", "data.eval_subset=64", "method.selflabel_epochs=0"]
+    straight = load_config(TINY, [f"run.out_dir={tmp_path / 'a'}", *common, "method.scan_epochs=2"])
+    train(straight)
+    interrupted = load_config(TINY, [f"run.out_dir={tmp_path / 'b'}", *common, "method.scan_epochs=1"])
+    train(interrupted)
+    run = interrupted.run_dir
+    (run / "scan" / "final.pt").unlink()  # as if stopped after epoch 1: only scan/last.pt (epoch 1) remains
+    pretext = (run / "pretext" / "final.pt").stat().st_mtime_ns
+    resumed = load_config(TINY, [f"run.out_dir={tmp_path / 'b'}", *common, "method.scan_epochs=2"])
+    train(resumed)
+    assert (run / "pretext" / "final.pt").stat().st_mtime_ns == pretext
+    epochs = [json.loads(line)["epoch"] for line in (run / "scan" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    a, _, _ = load_checkpoint(straight.run_dir / "final.pt")
+    b, _, _ = load_checkpoint(run / "final.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
 
 
 def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
     """`deepclust export <run_dir>` serves `cluster_heads[head_index]` of the pipeline's final checkpoint."""
     from serving.core.contract import ModelCard
     from training.export import export_checkpoint, run_onnx, session, uint8_images
-    from training.scan_pipeline import run_scan_pipeline
+    from training.run import train as run_scan_pipeline
     from training.trainer import load_checkpoint
 
     overrides = [

@@ -57,11 +57,16 @@ class ModelConfig(_Strict):
         return self
 
 
+DEFAULT_EPOCHS, DEFAULT_LR = 100, 3e-4
+
+
 class OptimConfig(_Strict):
-    lr: float = Field(3e-4, gt=0)
+    lr: float | None = Field(None, gt=0, description=f"single-stage methods (default {DEFAULT_LR}); SCAN: per stage")
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=2)
-    epochs: int = Field(100, ge=1)
+    epochs: int | None = Field(
+        None, ge=1, description=f"single-stage methods (default {DEFAULT_EPOCHS}); SCAN: per stage"
+    )
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: int = Field(0, ge=0)
 
@@ -76,11 +81,11 @@ class SCANConfig(_Strict):
     """SCAN (Van Gansbeke et al., ECCV 2020): pretext -> mine -> scan -> selflabel, each stage its own artifact.
 
     The number of cluster heads trained at once is `model.num_cluster_heads` (one place, so every stage's checkpoint
-    has the same model). `stage` is set by the pipeline for each stage's trainer; users leave it alone.
+    has the same model). Each stage has its own epochs and learning rate here: `optim.epochs` and `optim.lr` do not
+    apply to SCAN and are refused when set.
     """
 
     name: Literal["scan"] = "scan"
-    stage: Literal["pretext", "scan", "selflabel"] = "scan"
     pretext: Literal["auto", "simclr", "skip"] = Field(
         "auto", description="auto: SimCLR unless the backbone is pretrained and frozen"
     )
@@ -152,6 +157,23 @@ class TrainConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+    @model_validator(mode="after")
+    def _no_dead_fields(self) -> TrainConfig:
+        """SCAN's stages carry their own epochs and learning rates: `optim.epochs`/`optim.lr` would do nothing there,
+        so they are refused; single-stage methods get the defaults when they leave them out."""
+        o = self.optim
+        if isinstance(self.method, SCANConfig):
+            staged = [name for name in ("epochs", "lr") if getattr(o, name) is not None]
+            if staged:
+                raise ValueError(
+                    f"optim.{'/'.join(staged)} do not apply to SCAN: each stage has its own "
+                    "(method.pretext_epochs/scan_epochs/selflabel_epochs, method.pretext_lr/scan_lr/selflabel_lr)"
+                )
+        else:
+            o.epochs = DEFAULT_EPOCHS if o.epochs is None else o.epochs
+            o.lr = DEFAULT_LR if o.lr is None else o.lr
+        return self
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

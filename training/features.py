@@ -1,7 +1,8 @@
-"""Frozen-backbone features, computed once and cached on disk.
+"""Frozen-backbone feature passes, computed once and cached on disk.
 
-With a frozen pretrained backbone (EfficientNet-Lite0) the expensive part is the forward pass; heads train in
-seconds on cached features. A cache entry is keyed by everything that changes the numbers.
+With a frozen pretrained backbone the expensive part is the forward pass; heads train in seconds on cached features.
+`feature_key` is the one place that says what a pass depends on: the backbone and its weights, the images (the
+dataset's fingerprint, not its name or split), the view recipe with every parameter, the seed and the input size.
 """
 
 from __future__ import annotations
@@ -9,17 +10,53 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data.datasets import ImageDataset
-from training.data.views import MultiView, Transform
+from training.data.datasets import ImageDataset, seed_worker
+from training.data.views import Clean, MultiView, Recipe, Strong, Transform, eval_transform
 from training.paths import cache_root
 
 log = logging.getLogger(__name__)
+
+KEY_VERSION = 2
+
+
+def feature_key(
+    backbone: str, pretrained: bool, dataset: ImageDataset, recipe: Recipe | str, seed: int, input_size: int
+) -> dict[str, Any]:
+    """Everything that changes a cached pass's numbers (`recipe` may be a name for non-view arrays: heat maps)."""
+    return {
+        "backbone": backbone,
+        "pretrained": pretrained,
+        "dataset": dataset.fingerprint or f"unnamed:{len(dataset)}",
+        "n": len(dataset),
+        "recipe": recipe.key() if isinstance(recipe, Recipe) else recipe,
+        "seed": seed,
+        "input_size": input_size,
+        "version": KEY_VERSION,
+    }
+
+
+def cached_array(key: dict[str, Any], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The cached array for `key`, computed and stored (atomically, with the key beside it) when missing."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / "features" / f"{digest}.npy"
+    if path.exists():
+        log.info("feature cache hit %s %s", path.name, key)
+        return np.load(path)
+    array = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(key, sort_keys=True))
+    return array
 
 
 @torch.inference_mode()
@@ -31,12 +68,14 @@ def embed(
     batch_size: int = 128,
     workers: int = 2,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     desc: str = "embed",
     batch_augment: torch.nn.Module | None = None,
 ) -> np.ndarray:
     """Backbone features of every image under one transform, optionally followed by a batched augmentation
-    (seeded, so augmented passes are reproducible)."""
+    (seeded, so augmented passes are reproducible). Runs under a forked RNG: a pass computed mid-training (a cache
+    miss) leaves the training random stream alone."""
+    was_training = backbone.training
     backbone.eval().to(device)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -45,88 +84,66 @@ def embed(
         shuffle=False,
         num_workers=workers,
         generator=generator,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=seed_worker,
         persistent_workers=False,
     )
-    torch.manual_seed(seed)
     out = np.empty((len(dataset), backbone.feature_dim), dtype=np.float32)
-    for images, _, index in tqdm(loader, desc=desc, unit="batch", mininterval=5):
-        images = images.to(device)
-        if batch_augment is not None:
-            images = batch_augment(images)
-        out[index.numpy()] = backbone(images).float().cpu().numpy()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for images, _, index in tqdm(loader, desc=desc, unit="batch", mininterval=2, dynamic_ncols=True):
+            images = images.to(device)
+            if batch_augment is not None:
+                batch_augment = batch_augment.to(device)
+                images = (
+                    batch_augment(images, index)
+                    if getattr(batch_augment, "per_sample", False)
+                    else batch_augment(images)
+                )
+            out[index.numpy()] = backbone(images).float().cpu().numpy()
+    backbone.train(was_training)
     return out
 
 
-def _seed_worker(worker_id: int) -> None:
-    import random
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def native_size(dataset: ImageDataset) -> int:
+    """Side of the first image: strong views run their ops at the images' own resolution (others are resized to it)."""
+    return int(np.asarray(dataset[0][0]).shape[0])
 
 
-def cached_embed(key: dict, compute: callable) -> np.ndarray:  # type: ignore[valid-type]
-    """Return the cached array for `key`, computing and storing it (atomically) when missing."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / "features" / f"{digest}.npy"
-    if path.exists():
-        log.info("feature cache hit %s %s", path.name, key)
-        return np.load(path)
-    array = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
-    (path.with_suffix(".json")).write_text(json.dumps(key, sort_keys=True))
-    return array
-
-
-def frozen_features(
+def frozen_pass(
     backbone_name: str,
     dataset: ImageDataset,
-    dataset_key: str,
-    image_size: int,
-    view: str = "clean",
+    recipe: Recipe,
+    seed: int = 0,
     *,
-    augment_strength: float = 0.5,
-    min_scale: float = 0.2,
-    batch_size: int = 128,
+    pretrained: bool = True,
+    backbone: torch.nn.Module | None = None,
     workers: int = 2,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Features of a frozen pretrained backbone: `view="clean"` is the serving transform; `"aug<i>"` is the i-th
-    seeded pass of CC's augmentations (cached views give the contrastive methods their positive pairs)."""
-    from training.data.batch_augment import BatchAugment
-    from training.data.views import eval_transform
+    """Features of `dataset` under one seeded pass of `recipe` through a frozen backbone (cached).
+
+    The images enter at the recipe's size after the serving resize (strong views: at their own resolution) and the
+    recipe's batched form augments them; `backbone` may be passed to reuse one already built.
+    """
     from training.models.backbones import create_backbone
 
-    key = {
-        "backbone": backbone_name,
-        "dataset": dataset_key,
-        "n": len(dataset),
-        "size": image_size,
-        "view": view,
-        "strength": augment_strength if view != "clean" else None,
-        "min_scale": min_scale if view != "clean" else None,
-        "version": 1,
-        **({"augment_impl": "batched"} if view != "clean" else {}),
-    }
+    input_size = native_size(dataset) if isinstance(recipe, Strong) else recipe.size  # type: ignore[attr-defined]
+    key = feature_key(backbone_name, pretrained, dataset, recipe, seed, input_size)
 
     def compute() -> np.ndarray:
-        backbone = create_backbone(backbone_name, pretrained=True)
-        augment, seed = None, 0
-        if view != "clean":  # CC's augmentations, batched (PIL colour jitter at 160 px costs more than the forward)
-            augment, seed = BatchAugment(image_size, augment_strength, min_scale), 1000 + int(view.removeprefix("aug"))
-        transform = eval_transform(image_size)
+        model = backbone if backbone is not None else create_backbone(backbone_name, pretrained=pretrained)
+        augment = None if isinstance(recipe, Clean) else recipe.batched()
         return embed(
-            backbone,
+            model,
             dataset,
-            transform,
+            eval_transform(input_size),
             batch_size=batch_size,
             workers=workers,
             seed=seed,
-            desc=f"{dataset_key}:{view}",
+            device=device,
+            desc=f"features {dataset.fingerprint.split(':')[0]} {recipe.kind} seed {seed}",
             batch_augment=augment,
         )
 
-    return cached_embed(key, compute)
+    return cached_array(key, compute)

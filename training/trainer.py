@@ -1,8 +1,10 @@
 """The one trainer every method plugs into (torchvision-references style: a plain loop, no framework).
 
-Adam, a configurable schedule, checkpoints every N epochs and at the end, exact resume (model, optimiser, scheduler,
-RNG states, epoch, method state), seeds, a JSON-lines log, evaluation with ACC/NMI/ARI, progress bars. On CUDA:
-bf16 autocast, channels_last, pinned memory; it runs unchanged on CPU.
+It runs the method's stages in order (one for CC and CCES; pretext -> mine -> cluster -> self-label for SCAN), each
+with its own run directory, Adam optimiser and schedule, checkpoints every N epochs and at the end, and exact resume
+inside any stage (model, optimiser, scheduler, RNG states, epoch, method state); seeds, a JSON-lines log, evaluation
+with ACC/NMI/ARI, progress bars. On CUDA: bf16 autocast, channels_last, pinned memory; it runs unchanged on CPU.
+Methods never see the trainer: hooks receive a `MethodContext`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +23,26 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from serving.core.quality import evaluate_clustering
 from training import distributed
 from training.config import TrainConfig
-from training.data.datasets import ImageDataset, create_dataset
-from training.data.views import MultiView, eval_transform
-from training.methods.base import Batch, Method, create_method
+from training.data.datasets import base_and_index, create_dataset, fixed_subset, seed_worker
+from training.data.views import (
+    CachedPasses,
+    MultiView,
+    Recipe,
+    Strong,
+    apply_batched,
+    cached_view_names,
+    data_augmentation,
+    eval_transform,
+    named_pass,
+)
+from training.features import frozen_pass
+from training.methods.base import Batch, Method, MethodContext, Stage, StepStage, StopStage, create_method
 from training.models.backbones import create_backbone, freeze
 from training.models.heads import ClusteringModel
 
@@ -35,6 +50,7 @@ log = logging.getLogger("deepclust.train")
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_FINAL = "final.pt"
+STOPPED_REPORT = "stopped.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,35 +80,6 @@ def build_model(config: TrainConfig) -> ClusteringModel:
     )
 
 
-def _subset(dataset: ImageDataset, n: int | None, seed: int) -> Dataset:
-    if n is None or n >= len(dataset):
-        return dataset
-    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
-    subset = Subset(dataset, chosen.tolist())
-    subset.labels = dataset.labels[chosen]  # type: ignore[attr-defined]
-    subset.class_names = dataset.class_names  # type: ignore[attr-defined]
-    return subset
-
-
-class CachedFeatureViews(Dataset):
-    """Views as cached frozen-backbone features: each item pairs two *different* cached passes of one image."""
-
-    def __init__(self, passes: list[np.ndarray], labels: np.ndarray, num_views: int = 2) -> None:
-        self.passes = [torch.from_numpy(p) for p in passes]
-        self.labels = labels
-        self.num_views = num_views
-
-    def __len__(self) -> int:
-        return int(self.passes[0].shape[0])
-
-    def __getitem__(self, index: int) -> tuple:
-        if len(self.passes) >= self.num_views:
-            chosen = random.sample(range(len(self.passes)), self.num_views)
-        else:
-            chosen = [random.randrange(len(self.passes)) for _ in range(self.num_views)]
-        return (*(self.passes[c][index] for c in chosen), int(self.labels[index]), index)
-
-
 class _MethodStep(nn.Module):
     """The model with the method's whole step (encode + loss) as its forward, so that DDP sees that step.
 
@@ -118,6 +105,8 @@ class EvalResult:
 
 
 class Trainer:
+    """Runs a method's stages on one model. Per stage: `stage`, `run_dir`, `optimizer`, `scheduler`, `epoch`."""
+
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.device = distributed.device_for(resolve_device(config.run.device))
@@ -130,8 +119,8 @@ class Trainer:
                 f"{self.world_size} processes"
             )
         self.batch_size = config.optim.batch_size // self.world_size  # per process; the losses see the global one
-        self.run_dir = config.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.root_dir = config.run_dir
+        self.root_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(config.run.seed)
         self.model = build_model(config).to(self.device)
         if config.run.channels_last and self.device.type == "cuda":
@@ -143,26 +132,14 @@ class Trainer:
                 )
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.method: Method = create_method(config)
-        self.train_set = _subset(
-            create_dataset(config.data.dataset, config.data.train_split, config.data.root),
-            config.data.subset,
-            config.run.seed,
-        )
-        self.eval_set = _subset(
-            create_dataset(config.data.dataset, config.data.eval_split, config.data.root),
-            config.data.eval_subset,
-            config.run.seed + 1,
+        d = config.data
+        self.train_set = fixed_subset(create_dataset(d.dataset, d.train_split, d.root), d.subset, config.run.seed)
+        self.eval_set = fixed_subset(
+            create_dataset(d.dataset, d.eval_split, d.root), d.eval_subset, config.run.seed + 1
         )
         self.cached = config.model.cached_features
-        self.device_augment = config.data.augment_on == "device" and not self.cached
-        self.batch_views = [v.to(self.device) for v in self.method.batch_views()] if self.device_augment else []
-        self._cached_eval: np.ndarray | None = None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.epoch = 0
-        self.log_path = self.run_dir / "log.jsonl"
+        self.device_augment = d.augment_on == "device" and not self.cached
+        self._clean_cache: dict[int, np.ndarray] = {}
         self.ddp: nn.Module | None = None
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -173,6 +150,45 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
+        self.stages = self.method.stages()
+        single = len(self.stages) == 1 and isinstance(self.stages[0], Stage) and not self.stages[0].name
+        self.enter_stage(self.stages[0] if single else None)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- stages
+    def enter_stage(self, stage: Stage | None) -> None:
+        """Make `stage` the current one: its run directory, method, optimiser and schedule (None: the run root)."""
+        self.stage = stage
+        self.run_dir = self.root_dir / stage.name if stage and stage.name else self.root_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.run_dir / "log.jsonl"
+        self.epoch = 0
+        self.epochs = stage.epochs if stage else (self.config.optim.epochs or 1)
+        stage_method = stage.method if stage else self.method
+        self.batch_views = [r.batched().to(self.device) for r in stage_method.views()] if self.device_augment else []
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = stage.lr if stage else (self.config.optim.lr or 1e-3)  # no stage: nothing trains with it
+        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=self.config.optim.weight_decay)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    @property
+    def stage_method(self) -> Method:
+        return self.stage.method if self.stage is not None else self.method
+
+    def context(self) -> MethodContext:
+        return MethodContext(
+            config=self.config,
+            model=self.model,
+            device=self.device,
+            train_set=self.train_set,
+            eval_set=self.eval_set,
+            cached=self.cached,
+            run_dir=self.run_dir,
+            autocast=self.autocast,
+            passes=self.cached_passes,
+            transforms=self.sample_transforms,
+            predict=self.predict,
+        )
 
     # ---------------------------------------------------------------- data
     def _steps_per_epoch(self) -> int:
@@ -187,39 +203,49 @@ class Trainer:
         if warmup and step < warmup:
             return (step + 1) / warmup
         if o.schedule == "cosine":
-            total = max(o.epochs * self.steps_per_epoch - warmup, 1)
+            total = max(self.epochs * self.steps_per_epoch - warmup, 1)
             return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / total))
         return 1.0
 
-    def cached_passes(self, dataset: Dataset, split: str, views: list[str]) -> list[np.ndarray]:
-        """Frozen-backbone features of `dataset` under the named views ("clean", "aug0", ...)."""
-        from training.features import frozen_features
-
-        base, index = (dataset.dataset, np.asarray(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
-        d = self.config.data
-        passes = []
-        for view in views:
-            full = frozen_features(
-                self.config.model.backbone,
+    def cached_passes(self, dataset: Dataset, names: Sequence[str], strong: Strong | None = None) -> list[np.ndarray]:
+        """Named frozen-backbone feature passes of `dataset` ("clean", "augI", "strongI"; see `training.data.views`)."""
+        base, index = base_and_index(dataset)
+        d, m = self.config.data, self.config.model
+        augment = data_augmentation(d)
+        out = []
+        for name in names:
+            recipe, seed = named_pass(name, d.image_size, augment, strong)
+            full = frozen_pass(
+                m.backbone,
                 base,
-                f"{d.dataset}:{split}",
-                d.image_size,
-                view,
-                augment_strength=d.augment_strength,
-                min_scale=d.min_crop_scale,
+                recipe,
+                seed,
+                pretrained=m.pretrained,
+                backbone=self.model.backbone,
                 workers=d.workers,
+                device=self.device,
             )
-            passes.append(full if index is None else full[index])
-        return passes
+            out.append(full if index is None else full[index])
+        return out
 
-    def train_dataset(self) -> Dataset:
+    def train_data(self, ctx: MethodContext) -> Dataset:
+        """The stage method's own dataset, or its views on the configured data path."""
+        method = self.stage_method
+        own = method.train_data(ctx)
+        if own is not None:
+            return own
         if self.cached:
-            views = ["clean", *(f"aug{i}" for i in range(self.config.model.feature_views))]
-            passes = self.cached_passes(self.train_set, self.config.data.train_split, views)
-            return CachedFeatureViews(passes, self.train_set.labels)  # type: ignore[attr-defined]
+            names = cached_view_names(self.config.model.feature_views)
+            return CachedPasses(self.cached_passes(self.train_set, names), ctx.train_labels)
+        transforms = self.sample_transforms(method.views())
+        return MultiView(self.train_set, transforms[:1] if self.device_augment else transforms)
+
+    def sample_transforms(self, recipes: Sequence[Recipe]) -> list[Callable[..., torch.Tensor]]:
+        """Per-sample transforms of `recipes` on this run's image path: the recipes themselves in loader workers, or
+        the clean view when the recipes run batched on the device (`train_epoch` applies them there)."""
         if self.device_augment:
-            return MultiView(self.train_set, [eval_transform(self.config.data.image_size)])
-        return MultiView(self.train_set, self.method.train_views())
+            return [eval_transform(self.config.data.image_size) for _ in recipes]
+        return [r.per_image() for r in recipes]
 
     def loader(self, dataset: Dataset, epoch: int, shuffle: bool = True, batch_size: int | None = None) -> DataLoader:
         # A generator seeded by (seed, epoch) makes every epoch's order and augmentations reproducible, so resuming
@@ -245,7 +271,7 @@ class Trainer:
             generator=generator,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
         )
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -262,25 +288,99 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        """Train to `optim.epochs`. Distributed: rank 0 alone evaluates, logs and writes checkpoints while the
-        others wait at a barrier; every rank returns rank 0's metrics."""
+        """Run every stage that is not done yet. Distributed: rank 0 alone evaluates, logs and writes checkpoints
+        and artifacts while the others wait at a barrier; every rank returns rank 0's metrics."""
+        stages = self.stages
+        if self.stage is not None and stages == [self.stage]:  # single-stage method, entered at construction
+            return self.fit_stage()
+        if self.is_main:
+            (self.root_dir / "config.yaml").write_text(self.config.to_yaml())
+        timings: dict[str, float] = {}
+        finished: Path | None = None
+        stage_metrics: dict[str, Any] = {}
+        stopped: dict[str, Any] | None = None
+        for stage in stages:
+            # Every "is this stage done?" is asked after a barrier, so ranks never take different branches.
+            distributed.barrier()
+            started = time.perf_counter()
+            if isinstance(stage, StepStage):
+                path = self.root_dir / stage.artifact
+                self.enter_stage(None)
+                ctx = self.context()
+                if not path.exists():
+                    if self.is_main:
+                        stage.compute(ctx, path)
+                    timings[stage.name] = time.perf_counter() - started
+                distributed.barrier()
+                stage.load(ctx, path)
+                continue
+            self.enter_stage(stage)
+            final, report = self.run_dir / CHECKPOINT_FINAL, self.run_dir / STOPPED_REPORT
+            if report.exists():
+                stopped = json.loads(report.read_text())
+                break
+            if final.exists():
+                load_stage_weights(self.model, final)
+            else:
+                try:
+                    self.fit_stage()
+                except StopStage as stop:  # raised on every rank alike: hooks see the gathered batch
+                    stopped = {"stage": stage.name, **stop.report()}
+                    if self.is_main:
+                        report.write_text(json.dumps(stopped, indent=2) + "\n")
+                    log.error(json.dumps({"event": "stage_stopped", **stopped}))
+                    timings[stage.name] = time.perf_counter() - started
+                    break
+                timings[stage.name] = time.perf_counter() - started
+            finished = final
+            stage_metrics[stage.name] = _read_metrics(self.run_dir)
+        if finished is None:
+            raise RuntimeError(f"no stage of {self.config.method.name!r} finished: {stopped}")
+        load_stage_weights(self.model, finished)  # the result is the last finished stage, whatever ran after it
+        self.enter_stage(None)
+        last = finished.parent.name
+        metrics = dict(stage_metrics[last] or {})
+        metrics.update(
+            stage=last,
+            stages={k: {m: v.get(m) for m in ("acc", "nmi", "ari")} if v else None for k, v in stage_metrics.items()},
+            head_index=int(self.model.head_index),
+            stopped=stopped,
+            seconds={k: round(v, 1) for k, v in timings.items()},
+            **self.method.summary(self.context()),
+        )
+        distributed.barrier()
+        if self.is_main:  # a copy of the result at the run root, for `deepclust export/evaluate <run_dir>`
+            tmp = self.root_dir / (CHECKPOINT_FINAL + ".tmp")
+            shutil.copyfile(finished, tmp)
+            tmp.replace(self.root_dir / CHECKPOINT_FINAL)
+            (self.root_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        distributed.barrier()
+        return metrics
+
+    def fit_stage(self) -> dict[str, Any]:
+        """Train the current stage to its epochs, resuming from its `last.pt`. Each stage starts from the run's seed,
+        so its random stream does not depend on whether earlier stages ran in this process or were loaded."""
+        seed_everything(self.config.run.seed)
         self.resume()
+        ctx = self.context()
+        method = self.stage_method
         with distributed.main_process_first():  # rank 0 fills feature caches, the others then read them
-            dataset = self.train_data = self.train_dataset()  # methods may adjust it in on_epoch_start (CCES)
+            dataset = self.train_data(ctx)
         metrics: dict[str, Any] = {}
-        for epoch in range(self.epoch, self.config.optim.epochs):
+        for epoch in range(self.epoch, self.epochs):
             if self.distributed:  # per-rank streams derived from (seed, rank, epoch): resume needs no saved state
                 seed_everything(distributed.rank_seed(self.config.run.seed, epoch))
             if self.cached:  # hooks may fill feature caches (CCES's ContrastiveCrop pass): rank 0 first
                 with distributed.main_process_first():
-                    self.method.on_epoch_start(self, epoch)
+                    method.on_epoch_start(ctx, epoch)
             else:  # e.g. CCES's heat maps of a trained backbone: every rank in parallel
-                self.method.on_epoch_start(self, epoch)
+                method.on_epoch_start(ctx, epoch)
             started = time.perf_counter()
             losses = self.train_epoch(dataset, epoch)
+            method.on_epoch_end(ctx, epoch, losses)  # may set model.head_index before evaluation and checkpoint
             self.epoch = epoch + 1
             record: dict[str, Any] = {"epoch": self.epoch, "seconds": round(time.perf_counter() - started, 2), **losses}
-            last = self.epoch == self.config.optim.epochs
+            last = self.epoch == self.epochs
             if self.is_main and (last or self.epoch % self.config.run.eval_every == 0):
                 metrics = self.evaluate().metrics
                 record.update({k: metrics[k] for k in ("acc", "nmi", "ari")})
@@ -301,41 +401,40 @@ class Trainer:
         self.model.train()
         if self.config.model.freeze_backbone:
             self.model.backbone.eval()  # frozen BN statistics stay as pretrained
+        method = self.stage_method
         totals: dict[str, float] = {}
         steps = 0
         bar = tqdm(
-            self.loader(dataset, epoch),
             total=self.steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{self.config.optim.epochs}",
+            desc=f"{self.stage.name + ' ' if self.stage and self.stage.name else ''}epoch {epoch + 1}/{self.epochs}",
             leave=False,
-            mininterval=2,
+            mininterval=1,
+            dynamic_ncols=True,
             disable=not self.is_main,
         )
-        for *views, labels, indices in bar:
+        for *views, labels, indices in self.loader(dataset, epoch):
             views = [v.to(self.device, non_blocking=True) for v in views]
             if self.device_augment:
-                # `per_sample` augmentations (ContrastiveCrop boxes) also need each sample's index
-                views = [
-                    augment(views[0], indices) if getattr(augment, "per_sample", False) else augment(views[0])
-                    for augment in self.batch_views
-                ]
+                views = apply_batched(self.batch_views, views, indices)
             with self.autocast():
                 if self.ddp is not None:
                     losses, batch = self.distributed_step(views, indices, labels)
                 else:
                     batch = Batch([self.encode(v) for v in views], indices.to(self.device), labels)
-                    losses = self.method.loss(self.model, batch)
+                    losses = method.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             self.optimizer.step()
             self.scheduler.step()
-            self.method.on_step_end(batch)
+            method.on_step_end(batch)
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
             steps += 1
-            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}", refresh=False)
             if steps >= self.steps_per_epoch:
                 break
+        bar.close()
         return {key: round(value / max(steps, 1), 5) for key, value in totals.items()}
 
     def distributed_step(
@@ -352,6 +451,7 @@ class Trainer:
         """
         assert self.ddp is not None
         kept: list[Batch] = []
+        method = self.stage_method
 
         def step() -> dict[str, torch.Tensor]:
             local = [self.encode(v) for v in views]
@@ -361,7 +461,7 @@ class Trainer:
                 distributed.gather(labels),
             )
             kept.append(batch)
-            return self.method.loss(self.model, batch)
+            return method.loss(self.model, batch)
 
         losses = self.ddp(step)
         return losses, kept[0]
@@ -369,12 +469,12 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def predict(self, dataset: Dataset | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(probabilities, embedding, labels) on the evaluation set (or the training set) with the serving
+        """(probabilities, embedding, labels) on the evaluation set (or the given one) with the serving
         pre-processing; with cached frozen features, from the cached clean pass."""
         dataset = dataset if dataset is not None else self.eval_set
         self.model.eval()
         labels = np.asarray(dataset.labels)  # type: ignore[attr-defined]
-        if self.cached and (dataset is self.eval_set or dataset is self.train_set):
+        if self.cached:
             features = self._clean_features(dataset)
             embedding = torch.from_numpy(features).to(self.device)
             probabilities = torch.cat([self.model.cluster_head(chunk) for chunk in embedding.split(4096)])
@@ -389,12 +489,11 @@ class Trainer:
         return torch.cat(probs).numpy(), torch.cat(feats).numpy(), labels
 
     def _clean_features(self, dataset: Dataset) -> np.ndarray:
-        """Cached clean-pass features of the evaluation set (kept: evaluated every few epochs) or the training set."""
-        if dataset is not self.eval_set:
-            return self.cached_passes(dataset, self.config.data.train_split, ["clean"])[0]
-        if self._cached_eval is None:
-            self._cached_eval = self.cached_passes(dataset, self.config.data.eval_split, ["clean"])[0]
-        return self._cached_eval
+        """Cached clean-pass features, kept in memory per dataset (the evaluation set is read every few epochs)."""
+        key = id(dataset)
+        if key not in self._clean_cache:
+            self._clean_cache[key] = self.cached_passes(dataset, ["clean"])[0]
+        return self._clean_cache[key]
 
     def evaluate(self) -> EvalResult:
         probabilities, embedding, labels = self.predict()
@@ -402,6 +501,7 @@ class Trainer:
         metrics: dict[str, Any] = {
             "dataset": self.config.data.dataset,
             "split": self.config.data.eval_split,
+            "train_split": self.config.data.train_split,
             "n": int(len(clusters)),
         }
         if (labels >= 0).all():
@@ -423,12 +523,13 @@ class Trainer:
     def save(self, name: str) -> Path:
         state = {
             "format": 1,
+            "stage": self.stage.name if self.stage else "",
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "head_index": self.model.head_index,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "method": self.method.state_dict(),
+            "method": self.stage_method.state_dict(),
             "rng": _rng_state(),
             "config": self.config.model_dump(mode="json"),
         }
@@ -436,14 +537,14 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)  # atomic: a kill never leaves a torn checkpoint
-        (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+        (self.root_dir / "config.yaml").write_text(self.config.to_yaml())
         return path
 
     def resume(self) -> bool:
         path = self.run_dir / CHECKPOINT_LAST
         if not path.exists():
             if self.is_main:
-                (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
+                (self.root_dir / "config.yaml").write_text(self.config.to_yaml())
             return False
         state = torch.load(path, map_location=self.device, weights_only=True)  # every rank: the same checkpoint
         saved = state["config"]
@@ -453,7 +554,7 @@ class Trainer:
         self.model.head_index = int(state.get("head_index", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"])
+        self.stage_method.load_state_dict(state["method"])
         _set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
         log.info("resumed %s at epoch %d", path, self.epoch)
@@ -461,20 +562,28 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), "method": self.config.method.name, **record}
+        if self.stage and self.stage.name:
+            record["stage"] = self.stage.name
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log.info(json.dumps(record))
 
 
+def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_stage_weights(model: ClusteringModel, checkpoint: Path) -> None:
+    """A checkpoint's weights and kept cluster head into `model` (a finished stage, or the start of the next)."""
+    state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
+    model.load_state_dict(state["model"])
+    model.head_index = int(state.get("head_index", 0))
+
+
 def _architecture(model_config: dict[str, Any]) -> dict[str, Any]:
     """The model config minus how it is trained across processes (SyncBatchNorm may change on resume)."""
     return {k: v for k, v in model_config.items() if k != "sync_batchnorm"}
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _rng_state() -> dict[str, Any]:

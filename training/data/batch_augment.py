@@ -95,3 +95,39 @@ class BatchAugment(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: float [N, 3, H, W] in [0, 1] -> an augmented view [N, 3, size, size]."""
         return self.grayscale(self.jitter(self.crop_and_flip(x.float())))
+
+
+class StrongAugment(nn.Module):
+    """SCAN's strong view on a batch (see `training.data.views.Strong`): per-sample flip + RandAugment on uint8 at the
+    input resolution, batched Cutout, then a bicubic resize to `size`."""
+
+    def __init__(self, size: int, cutout_fraction: float = 0.5, num_ops: int = 2, magnitude: int = 10) -> None:
+        super().__init__()
+        from torchvision.transforms import v2 as T
+
+        self.size = size
+        self.cutout_fraction = cutout_fraction
+        self.sample_ops = T.Compose([T.RandomHorizontalFlip(), T.RandAugment(num_ops=num_ops, magnitude=magnitude)])
+
+    def cutout(self, x: torch.Tensor) -> torch.Tensor:
+        """One zeroed square per image, side `cutout_fraction` of the image, centre anywhere (may be clipped)."""
+        n, _, h, w = x.shape
+        side_h, side_w = max(int(round(h * self.cutout_fraction)), 0), max(int(round(w * self.cutout_fraction)), 0)
+        if side_h == 0 or side_w == 0:
+            return x
+        cy = torch.randint(0, h, (n, 1, 1), device=x.device)
+        cx = torch.randint(0, w, (n, 1, 1), device=x.device)
+        rows = torch.arange(h, device=x.device).view(1, h, 1)
+        cols = torch.arange(w, device=x.device).view(1, 1, w)
+        hole = ((rows - cy).abs() * 2 < side_h) & ((cols - cx).abs() * 2 < side_w)
+        return x.masked_fill(hole.unsqueeze(1), 0.0)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float [N, 3, H, W] in [0, 1] -> strong view [N, 3, size, size] in [0, 1]."""
+        as_uint8 = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        out = torch.stack([self.sample_ops(image) for image in as_uint8.cpu()]).to(x.device).float() / 255.0
+        out = self.cutout(out)
+        if out.shape[-1] != self.size or out.shape[-2] != self.size:
+            out = F.interpolate(out, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return out

@@ -5,15 +5,20 @@ Boxes are fractions of the image, `(x0, y0, x1, y1)` in [0, 1], one row per trai
 on the image resolution). A box of `(0, 0, 1, 1)` means "no localisation yet". Why Beta: alpha < 1 pushes centres
 towards the box edges, so crops still vary while staying on the object (alpha = 1 is uniform inside the box).
 
-Two crop implementations share `sample_crops`: a per-image PIL view for DataLoader workers (`ContrastiveCropView`,
-called with the sample index), and a batched one on the training device (`BatchContrastiveCrop`). Both fall back to
-the plain CC augmentation while `active` is False (the warm-up epochs, when the heat maps are still meaningless).
+`ContrastiveCrop` is the view recipe (`training.data.views`); its two runners share `sample_crops`: a per-image PIL
+view for DataLoader workers (`ContrastiveCropView`, called with the sample index), and a batched one on the training
+device or for a cached pass (`BatchContrastiveCrop`). Both read one `BoxState`, which the method updates between
+epochs, and fall back to the plain CC augmentation while it is inactive (the warm-up epochs, when the heat maps are
+still meaningless).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +28,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from training.data.batch_augment import BatchAugment
-from training.data.views import MultiView, _to_rgb, _to_tensor, cc_augment, eval_transform
+from training.data.views import CropJitter, MultiView, Recipe, _to_rgb, _to_tensor, eval_transform
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -32,6 +37,41 @@ RATIO = (3 / 4, 4 / 3)
 def full_boxes(n: int) -> torch.Tensor:
     """Initial boxes: the whole image for every sample."""
     return torch.tensor(FULL_BOX, dtype=torch.float32).repeat(n, 1)
+
+
+class BoxState:
+    """The boxes every ContrastiveCrop runner reads, updated in place by the method between epochs (DataLoader
+    workers are created per epoch, so they see the new boxes). Inactive: the plain CC augmentation."""
+
+    def __init__(self, boxes: torch.Tensor | None = None, active: bool = False) -> None:
+        self.boxes = boxes if boxes is not None else full_boxes(1)
+        self.active = active
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.boxes.numpy().tobytes()).hexdigest()[:16] if self.active else "inactive"
+
+
+@dataclass(frozen=True)
+class ContrastiveCrop(Recipe):
+    """CC's augmentation with the crop centre drawn (Beta(alpha, alpha)) inside each sample's box."""
+
+    size: int
+    strength: float = 0.5
+    min_scale: float = 0.08
+    alpha: float = 0.6
+    state: BoxState = field(default_factory=BoxState, compare=False, repr=False)
+    kind = "contrastive_crop"
+    per_sample = True
+
+    def key(self) -> dict[str, Any]:
+        plain = {k: v for k, v in vars(self).items() if k != "state"}
+        return {"kind": self.kind, **plain, "boxes": self.state.digest()}
+
+    def per_image(self) -> ContrastiveCropView:
+        return ContrastiveCropView(self)
+
+    def batched(self) -> BatchContrastiveCrop:
+        return BatchContrastiveCrop(self)
 
 
 # ------------------------------------------------------------------------------------------------ heat maps -> boxes
@@ -146,24 +186,15 @@ def sample_crops(
 
 # ------------------------------------------------------------------------------------------------ the two views
 class ContrastiveCropView:
-    """Per-image (PIL) CC augmentation with the crop replaced by ContrastiveCrop; called as `view(image, index)`.
-
-    `per_sample = True` tells `MultiView` to pass the sample index. `boxes` is shared with the method, which updates
-    it in place between epochs (DataLoader workers are created per epoch, so they see the new boxes).
-    """
+    """Per-image (PIL) runner of `ContrastiveCrop`; called as `view(image, index)` (`per_sample`)."""
 
     per_sample = True
 
-    def __init__(
-        self, size: int, boxes: torch.Tensor, alpha: float, strength: float = 0.5, min_scale: float = 0.08
-    ) -> None:
-        self.size = size
-        self.boxes = boxes
-        self.alpha = alpha
-        self.min_scale = min_scale
-        self.active = False
-        self.plain = cc_augment(size, strength, min_scale)
-        s = strength
+    def __init__(self, recipe: ContrastiveCrop) -> None:
+        self.recipe = recipe
+        self.state = recipe.state
+        self.plain = CropJitter(recipe.size, recipe.strength, recipe.min_scale).per_image()
+        s = recipe.strength
         self.after_crop = T.Compose(
             [
                 T.RandomHorizontalFlip(),
@@ -175,30 +206,29 @@ class ContrastiveCropView:
         self.to_rgb = _to_rgb()
 
     def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
-        if not self.active:
+        if not self.state.active:
             return self.plain(image)
+        r = self.recipe
         image = self.to_rgb(image)
         width, height = image.size
-        cx, cy, w, h = (float(v) for v in sample_crops(self.boxes[index : index + 1], self.min_scale, self.alpha))
+        box = self.state.boxes[index : index + 1]
+        cx, cy, w, h = (float(v) for v in sample_crops(box, r.min_scale, r.alpha))
         crop_w, crop_h = max(1, round(w * width)), max(1, round(h * height))
         left = min(max(0, round(cx * width - crop_w / 2)), width - crop_w)
         top = min(max(0, round(cy * height - crop_h / 2)), height - crop_h)
-        crop = TF.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size], antialias=True)
+        crop = TF.resized_crop(image, top, left, crop_h, crop_w, [r.size, r.size], antialias=True)
         return self.after_crop(crop)
 
 
 class BatchContrastiveCrop(BatchAugment):
-    """`BatchAugment` whose crop centres come from each sample's box; called as `augment(images, indices)`."""
+    """Batched runner of `ContrastiveCrop`: crop centres from each sample's box; call as `augment(images, indices)`."""
 
     per_sample = True
 
-    def __init__(
-        self, size: int, boxes: torch.Tensor, alpha: float, strength: float = 0.5, min_scale: float = 0.08
-    ) -> None:
-        super().__init__(size, strength, min_scale)
-        self.boxes = boxes  # plain attribute (not a buffer): shared with the method, updated in place
-        self.alpha = alpha
-        self.active = False
+    def __init__(self, recipe: ContrastiveCrop) -> None:
+        super().__init__(recipe.size, recipe.strength, recipe.min_scale)
+        self.state = recipe.state  # plain attribute (not a buffer): shared with the method, updated in place
+        self.alpha = recipe.alpha
 
     def crop_in_boxes(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         n, device = x.shape[0], x.device
@@ -212,7 +242,7 @@ class BatchContrastiveCrop(BatchAugment):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if not self.active or indices is None:
+        if not self.state.active or indices is None:
             return super().forward(x)
-        cropped = self.crop_in_boxes(x.float(), self.boxes[indices.cpu()])
+        cropped = self.crop_in_boxes(x.float(), self.state.boxes[indices.cpu()])
         return self.grayscale(self.jitter(cropped))

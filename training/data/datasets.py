@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from training.paths import cache_root, data_root
 
@@ -24,11 +24,17 @@ UNLABELLED = -1
 
 
 class ImageDataset(Dataset):
-    """Images as PIL (RGB or L) with integer labels (-1 when unknown) and optional class names."""
+    """Images as PIL (RGB or L) with integer labels (-1 when unknown) and optional class names.
+
+    `fingerprint` names the images themselves (not how they were asked for): two datasets with the same fingerprint
+    hold the same images in the same order, so a feature pass computed for one serves the other (a folder used for
+    both training and evaluation is embedded once).
+    """
 
     labels: np.ndarray
     class_names: list[str] | None
     mode: str  # "RGB" or "L"
+    fingerprint: str = ""
 
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -47,11 +53,14 @@ class ImageDataset(Dataset):
 class ArrayDataset(ImageDataset):
     """Decoded uint8 images held in memory ([N,H,W] grey or [N,H,W,3] RGB): cheap for DataLoader workers."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str] | None) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, class_names: list[str] | None, fingerprint: str = ""
+    ) -> None:
         self.images = images
         self.labels = labels.astype(np.int64)
         self.class_names = class_names
         self.mode = "L" if images.ndim == 3 else "RGB"
+        self.fingerprint = fingerprint or f"array:{hashlib.sha256(images.tobytes()).hexdigest()[:16]}"
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index], mode=self.mode)
@@ -78,10 +87,49 @@ class FolderDataset(ImageDataset):
         self.paths = [p for p, _ in pairs]
         self.labels = np.array([label for _, label in pairs], dtype=np.int64)
         self.mode = "RGB"
+        self.fingerprint = folder_fingerprint(root, self.paths)
 
     def load(self, index: int) -> Image.Image:
         with Image.open(self.paths[index]) as image:
             return image.convert("RGB")
+
+
+def folder_fingerprint(root: Path, paths: list[Path]) -> str:
+    """Files' relative names, sizes and modification times: changes when any image is added, removed or replaced."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return f"folder:{digest.hexdigest()[:16]}"
+
+
+def base_and_index(dataset: Dataset) -> tuple[ImageDataset, np.ndarray | None]:
+    """(the full dataset, positions of a `Subset` in it, or None): caches hold whole datasets, subsets index them."""
+    if isinstance(dataset, Subset):
+        return dataset.dataset, np.asarray(dataset.indices)  # type: ignore[return-value]
+    return dataset, None  # type: ignore[return-value]
+
+
+def fixed_subset(dataset: ImageDataset, n: int | None, seed: int) -> Dataset:
+    """A fixed random subset of `n` samples (all when `n` is None), keeping `labels` and `class_names`."""
+    if n is None or n >= len(dataset):
+        return dataset
+    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    subset = Subset(dataset, chosen.tolist())
+    subset.labels = dataset.labels[chosen]  # type: ignore[attr-defined]
+    subset.class_names = dataset.class_names  # type: ignore[attr-defined]
+    return subset
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: numpy and `random` seeded from the worker's torch seed (reproducible views)."""
+    import random
+
+    import torch
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _image_files(root: Path, recursive: bool) -> list[Path]:
@@ -118,6 +166,7 @@ class _Cached:
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str]
+    digest: str
 
 
 def _cifar_arrays(split: str, root: Path) -> _Cached:
@@ -125,11 +174,11 @@ def _cifar_arrays(split: str, root: Path) -> _Cached:
     tar_path = root / "cifar10" / f"{split}.tar"
     if not tar_path.exists():
         raise FileNotFoundError(f"CIFAR-10 {split} tar not found at {tar_path} (set DEEPCLUST_DATA)")
-    digest = hashlib.sha256(f"{tar_path.resolve()}:{tar_path.stat().st_size}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{tar_path.name}:{tar_path.stat().st_size}".encode()).hexdigest()[:12]
     cache = cache_root() / "data" / f"cifar10-{split}-{digest}.npz"
     if cache.exists():
         with np.load(cache) as z:
-            return _Cached(z["images"], z["labels"], [str(c) for c in z["class_names"]])
+            return _Cached(z["images"], z["labels"], [str(c) for c in z["class_names"]], digest)
     records: list[tuple[str, str, bytes]] = []
     with tarfile.open(tar_path) as tar:
         for member in tar:
@@ -151,13 +200,13 @@ def _cifar_arrays(split: str, root: Path) -> _Cached:
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, images=images, labels=labels, class_names=np.array(class_names))
     tmp.replace(cache)
-    return _Cached(images, labels, class_names)
+    return _Cached(images, labels, class_names, digest)
 
 
 @register_dataset("cifar10")
 def cifar10(split: str, root: str | Path | None = None) -> ImageDataset:
     cached = _cifar_arrays(split, Path(root) if root else data_root())
-    return ArrayDataset(cached.images, cached.labels, cached.class_names)
+    return ArrayDataset(cached.images, cached.labels, cached.class_names, f"cifar10:{split}:{cached.digest}")
 
 
 FASHION_CLASSES = [
@@ -179,7 +228,9 @@ def fashion_mnist(split: str, root: str | Path | None = None) -> ImageDataset:
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(base / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(base / f"{prefix}-labels-idx1-ubyte.gz")
-    return ArrayDataset(np.ascontiguousarray(images), labels.astype(np.int64), FASHION_CLASSES)
+    return ArrayDataset(
+        np.ascontiguousarray(images), labels.astype(np.int64), FASHION_CLASSES, f"fashion_mnist:{split}"
+    )
 
 
 @register_dataset("digits")
@@ -192,7 +243,7 @@ def digits(split: str, root: str | Path | None = None) -> ImageDataset:
     order = np.random.default_rng(0).permutation(len(images))
     cut = int(0.8 * len(images))
     chosen = order[:cut] if split == "train" else order[cut:]
-    return ArrayDataset(images[chosen], bunch.target[chosen], [str(i) for i in range(10)])
+    return ArrayDataset(images[chosen], bunch.target[chosen], [str(i) for i in range(10)], f"digits:{split}")
 
 
 @register_dataset("folder")

@@ -21,29 +21,24 @@ trained on un-normalised backbone features and a unit-norm input would sit far o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Dataset
 
-from training.data.ccrop import (
-    BatchContrastiveCrop,
-    ContrastiveCropView,
-    boxes_from_heatmaps,
-    compute_heatmaps,
-    full_boxes,
-)
+from training.data.ccrop import BoxState, ContrastiveCrop, boxes_from_heatmaps, compute_heatmaps
+from training.data.datasets import base_and_index
+from training.data.views import CachedPasses, Recipe, cached_view_names
+from training.features import cached_array, feature_key, frozen_pass
 from training.losses.contrastive import balance_term, cc_cluster_loss, cluster_contrastive, nt_xent
-from training.methods.base import Batch, Method, register_method
+from training.methods.base import Batch, Method, MethodContext, register_method
 from training.models.heads import ClusteringModel
 
 if TYPE_CHECKING:
     from training.config import CCESConfig, TrainConfig
-    from training.trainer import Trainer
 
 log = logging.getLogger("deepclust.cces")
 
@@ -110,32 +105,28 @@ class CCES(Method):
         super().__init__(config)
         self.cfg: CCESConfig = config.method  # type: ignore[assignment]
         self.queue: FeatureQueue | None = None
+        self.box_state = BoxState()  # read by every ContrastiveCrop runner; updated here between epochs
         self.boxes: torch.Tensor | None = None  # [N_train, 4] image fractions, per sample index
         self.boxes_epoch = -1  # epoch whose start computed the current boxes (-1: none yet)
-        self._crop_views: list[ContrastiveCropView | BatchContrastiveCrop] = []
+        self._cached_data: CachedPasses | None = None
         self._ccrop_pass_in_use = False
 
     # ------------------------------------------------------------------ views
-    def train_views(self) -> list:
+    def views(self) -> list[Recipe]:
         if not self.cfg.ccrop:
-            return super().train_views()
+            return super().views()
         d = self.config.data
-        view = ContrastiveCropView(
-            d.image_size, full_boxes(1), self.cfg.beta_alpha, d.augment_strength, d.min_crop_scale
-        )
-        self._crop_views.append(view)
-        return [view, view]
+        crop = ContrastiveCrop(d.image_size, d.augment_strength, d.min_crop_scale, self.cfg.beta_alpha, self.box_state)
+        return [crop, crop]
 
-    def batch_views(self) -> list[torch.nn.Module]:
-        if not self.cfg.ccrop:
-            return super().batch_views()
-        d = self.config.data
-        views = [
-            BatchContrastiveCrop(d.image_size, full_boxes(1), self.cfg.beta_alpha, d.augment_strength, d.min_crop_scale)
-            for _ in range(2)
-        ]
-        self._crop_views.extend(views)
-        return views
+    def train_data(self, ctx: MethodContext) -> Dataset | None:
+        """Cached ContrastiveCrop: the trainer's cached passes, held here so that the ContrastiveCrop pass can take
+        the place of the last plain one once the warm-up is over."""
+        if not (ctx.cached and self.cfg.ccrop):
+            return None
+        names = cached_view_names(self.config.model.feature_views)
+        self._cached_data = CachedPasses(ctx.passes(ctx.train_set, names), ctx.train_labels)
+        return self._cached_data
 
     # ------------------------------------------------------------------ loss
     def neighbours(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,50 +178,47 @@ class CCES(Method):
             self._queue_for(batch.features[0]).enqueue(batch.features[0], batch.labels)
 
     # ------------------------------------------------------------------ ContrastiveCrop boxes
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: MethodContext, epoch: int) -> None:
         if not self.cfg.ccrop or epoch < self.cfg.warmup_epochs:
             return
-        if trainer.cached:
-            self._use_frozen_ccrop_pass(trainer)
+        if ctx.cached:
+            self._use_frozen_ccrop_pass(ctx)
             return
         due = (epoch - self.cfg.warmup_epochs) % self.cfg.update_every == 0
         if self.boxes is None or (due and self.boxes_epoch != epoch):
-            self.boxes = self.compute_boxes(trainer)
+            self.boxes = self.compute_boxes(ctx)
             self.boxes_epoch = epoch
             log.info("cces: boxes updated at epoch %d (mean area %.3f)", epoch, float(box_areas(self.boxes).mean()))
-        for view in self._crop_views:
-            view.boxes = self.boxes
-            view.active = True
+        self.box_state.boxes = self.boxes
+        self.box_state.active = True
 
-    def compute_boxes(self, trainer: Trainer) -> torch.Tensor:
+    def compute_boxes(self, ctx: MethodContext) -> torch.Tensor:
         """Boxes of every training sample from the current backbone's heat maps."""
         d = self.config.data
         heat = compute_heatmaps(
-            trainer.model.backbone,
-            trainer.train_set,
+            ctx.backbone,
+            ctx.train_set,
             d.image_size,
             batch_size=256,
             workers=d.workers,
-            device=trainer.device,
-            autocast=trainer.autocast(),
+            device=ctx.device,
+            autocast=ctx.autocast(),
         )
         return boxes_from_heatmaps(heat, self.cfg.box_threshold)
 
-    def _use_frozen_ccrop_pass(self, trainer: Trainer) -> None:
+    def _use_frozen_ccrop_pass(self, ctx: MethodContext) -> None:
         """Cached mode: boxes once from the frozen backbone, and the ContrastiveCrop pass replaces the last plain
         augmented pass of the cached views (both cached on disk: computed once per machine)."""
         if self._ccrop_pass_in_use:
             return
-        data = getattr(trainer, "train_data", None)
-        if data is None or not hasattr(data, "passes"):
-            raise RuntimeError("cces with cached features needs the trainer's `train_data` (CachedFeatureViews)")
-        heat, base_index = frozen_heatmaps(trainer)
-        full = boxes_from_heatmaps(heat, self.cfg.box_threshold)
-        features = frozen_ccrop_pass(trainer, full, self.cfg.beta_alpha)
-        self.boxes = full if base_index is None else full[base_index]
+        if self._cached_data is None:
+            raise RuntimeError("cces with cached features builds its own training data first (train_data)")
+        base, index = base_and_index(ctx.train_set)
+        full = boxes_from_heatmaps(frozen_heatmaps(ctx, base), self.cfg.box_threshold)
+        features = frozen_ccrop_pass(ctx, base, full, self.cfg.beta_alpha)
+        self.boxes = full if index is None else full[index]
         self.boxes_epoch = 0
-        chosen = features if base_index is None else features[base_index]
-        data.passes[-1] = torch.from_numpy(np.ascontiguousarray(chosen))
+        self._cached_data.replace_pass(-1, features if index is None else features[index])
         self._ccrop_pass_in_use = True
         log.info("cces: ContrastiveCrop pass in use (mean box area %.3f)", float(box_areas(self.boxes).mean()))
 
@@ -258,82 +246,34 @@ def box_areas(boxes: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- frozen-backbone (cached) passes
-def _base_and_index(dataset: Any) -> tuple[Any, np.ndarray | None]:
-    if isinstance(dataset, Subset):
-        return dataset.dataset, np.asarray(dataset.indices)
-    return dataset, None
-
-
-def _cache_key(trainer: Trainer, base: Any, view: str, **more: Any) -> dict[str, Any]:
-    c = trainer.config
-    return {
-        "backbone": c.model.backbone,
-        "pretrained": c.model.pretrained,
-        "dataset": f"{c.data.dataset}:{c.data.train_split}",
-        "n": len(base),
-        "size": c.data.image_size,
-        "view": view,
-        "version": 1,
-        **more,
-    }
-
-
-def frozen_heatmaps(trainer: Trainer) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Heat maps of the whole train split under the frozen backbone (one 50k forward pass on CIFAR-10, cached)."""
-    from training.features import cached_embed
-
-    base, index = _base_and_index(trainer.train_set)
-    d = trainer.config.data
+def frozen_heatmaps(ctx: MethodContext, base: Any) -> torch.Tensor:
+    """Heat maps of the whole train split under the frozen backbone (one forward pass, cached)."""
+    c = ctx.config
+    key = feature_key(c.model.backbone, c.model.pretrained, base, "heatmap", 0, c.data.image_size)
 
     def compute() -> np.ndarray:
+        d = c.data
         heat = compute_heatmaps(
-            trainer.model.backbone,
-            base,
-            d.image_size,
-            batch_size=128,
-            workers=d.workers,
-            device=trainer.device,
-            progress=True,
+            ctx.backbone, base, d.image_size, batch_size=128, workers=d.workers, device=ctx.device, progress=True
         )
         return heat.numpy()
 
-    return torch.from_numpy(cached_embed(_cache_key(trainer, base, "heatmap"), compute)), index
+    return torch.from_numpy(cached_array(key, compute))
 
 
-def frozen_ccrop_pass(trainer: Trainer, boxes: torch.Tensor, alpha: float) -> np.ndarray:
-    """Features of one seeded ContrastiveCrop-augmented pass over the whole train split (one more 50k pass, cached).
-
-    Runs under a forked RNG so computing it (a cache miss mid-training) leaves the training random stream alone.
-    """
-    from tqdm import tqdm
-
-    from training.data.views import MultiView, eval_transform
-    from training.features import cached_embed
-
-    base, _ = _base_and_index(trainer.train_set)
-    d = trainer.config.data
-    digest = hashlib.sha256(boxes.numpy().tobytes()).hexdigest()[:16]
-    key = _cache_key(
-        trainer, base, "ccrop0", strength=d.augment_strength, min_scale=d.min_crop_scale, alpha=alpha, boxes=digest
+def frozen_ccrop_pass(ctx: MethodContext, base: Any, boxes: torch.Tensor, alpha: float) -> np.ndarray:
+    """Features of one seeded ContrastiveCrop-augmented pass over the whole train split (cached; the recipe's key
+    holds the boxes' digest)."""
+    c = ctx.config
+    d = c.data
+    recipe = ContrastiveCrop(d.image_size, d.augment_strength, d.min_crop_scale, alpha, BoxState(boxes, active=True))
+    return frozen_pass(
+        c.model.backbone,
+        base,
+        recipe,
+        CCROP_PASS_SEED,
+        pretrained=c.model.pretrained,
+        backbone=ctx.backbone,
+        workers=d.workers,
+        device=ctx.device,
     )
-    backbone = trainer.model.backbone
-
-    @torch.inference_mode()
-    def compute() -> np.ndarray:
-        augment = BatchContrastiveCrop(d.image_size, boxes, alpha, d.augment_strength, d.min_crop_scale)
-        augment.active = True
-        was_training = backbone.training
-        backbone.eval()
-        out = np.empty((len(base), backbone.feature_dim), dtype=np.float32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(CCROP_PASS_SEED)
-            loader = DataLoader(
-                MultiView(base, [eval_transform(d.image_size)]), batch_size=128, shuffle=False, num_workers=d.workers
-            )
-            for images, _, index in tqdm(loader, desc="ccrop pass", unit="batch", mininterval=5):
-                views = augment(images.to(trainer.device), index)
-                out[index.numpy()] = backbone(views).float().cpu().numpy()
-        backbone.train(was_training)
-        return out
-
-    return cached_embed(key, compute)

@@ -1,42 +1,51 @@
 """SCAN (Van Gansbeke et al., "SCAN: Learning to Classify Images without Labels", ECCV 2020), from the paper.
 
-Three methods on the one trainer, run in order by `training.scan_pipeline`:
+One registered method, `scan`, whose stages the one trainer runs in order under one run directory:
 
-- `simclr` — the pretext task: NT-Xent (tau = 0.1) between two SimCLR views on `model.instance_head`.
-- `scan` — the clustering step: a sample and one of its mined neighbours should get the same cluster,
+    run_dir/
+      config.yaml            the run's config
+      pretext/final.pt       SimCLR (skipped for a pretrained, frozen backbone)
+      neighbours.npz         top-k neighbour indices + label agreement (plain numpy)
+      scan/final.pt          SCAN clustering, `head_index` = lowest-loss head
+      selflabel/final.pt     self-labelled model (or selflabel/stopped.json when the collapse guard stopped it)
+      final.pt, metrics.json the result (a copy of the last finished stage), for export/evaluate
+
+- pretext (`SimCLRPretext`): NT-Xent (tau = 0.1) between two SimCLR views on `model.instance_head`.
+- mine: exact top-k cosine neighbours of the training set (`training.mining`).
+- scan (`SCANClustering`): a sample and one of its mined neighbours should get the same cluster,
   loss = -mean log <p(x), p(n)> - lambda * H(mean p), for every head of `model.cluster_heads` at once; the head with
   the lowest loss becomes `model.head_index` (saved in the checkpoint; the exporter serves that head).
-- `scan_selflabel` — self-labelling: confident weak-view predictions (max p > threshold) become pseudo-labels for a
-  strong view (RandAugment + Cutout); cross-entropy weighted by the inverse pseudo-label frequency. A guard stops the
-  stage with a report when one cluster takes most samples (the failure mode of self-training).
+- selflabel (`SelfLabel`): confident weak-view predictions (max p > threshold) become pseudo-labels for a strong view
+  (RandAugment + Cutout); cross-entropy weighted by the inverse pseudo-label frequency. A guard stops the stage with a
+  report when one cluster takes most samples (the failure mode of self-training).
 
-Views: with a frozen backbone and cached features (`model.cached_features`), views are cached passes ("clean",
-"augI" CC augmentation, "strongI" RandAugment + Cutout applied at the native resolution, then resized); otherwise
-views are computed per batch on the training device.
+A finished stage is not trained again, so re-running the same command only runs what is missing; an interrupted
+stage resumes from its own `last.pt`. Views follow `training.data.views` on every data path.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
-from torchvision.transforms import v2 as T
 
+from training.data.views import CropJitter, Recipe, Strong, cached_view_names
 from training.losses.contrastive import entropy_of_mean, nt_xent
-from training.methods.base import Batch, Method, register_method
+from training.methods.base import Batch, Method, MethodContext, Stage, StepStage, StopStage, register_method
+from training.mining import NEIGHBOURS_FILE, Neighbours, mine
 from training.models.heads import ClusteringModel
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
-    from training.trainer import Trainer
+    from training.config import SCANConfig, TrainConfig
 
 log = logging.getLogger("deepclust.scan")
 
@@ -103,7 +112,7 @@ def selflabel_loss(
     return loss, mask
 
 
-class CollapseError(RuntimeError):
+class CollapseError(StopStage):
     """Self-labelling collapsed: one cluster took more than the allowed share of the samples."""
 
     def __init__(self, sizes: list[int], share: float, limit: float, where: str) -> None:
@@ -127,71 +136,12 @@ def check_collapse(assignments: np.ndarray | torch.Tensor, k: int, limit: float,
     return sizes
 
 
-# --------------------------------------------------------------------------------------------------- strong views
-class StrongAugment(nn.Module):
-    """RandAugment (2 ops, magnitude 10) + crop/flip per sample, then Cutout, then resize — on a batch.
-
-    RandAugment runs per sample on uint8 tensors at the *input* resolution (PIL RandAugment at 160 px costs more than
-    the backbone forward); Cutout (one zero square, side `cutout_fraction` of the image, centre anywhere, as in the
-    paper) is batched; the result is resized (bicubic) to `size`.
-    """
-
-    def __init__(self, size: int, cutout_fraction: float = 0.5, num_ops: int = 2, magnitude: int = 10) -> None:
-        super().__init__()
-        self.size = size
-        self.cutout_fraction = cutout_fraction
-        self.sample_ops = T.Compose(
-            [
-                T.RandomHorizontalFlip(),
-                T.RandAugment(num_ops=num_ops, magnitude=magnitude),
-            ]
-        )
-
-    def cutout(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        side_h, side_w = max(int(round(h * self.cutout_fraction)), 0), max(int(round(w * self.cutout_fraction)), 0)
-        if side_h == 0 or side_w == 0:
-            return x
-        cy = torch.randint(0, h, (n, 1, 1), device=x.device)
-        cx = torch.randint(0, w, (n, 1, 1), device=x.device)
-        rows = torch.arange(h, device=x.device).view(1, h, 1)
-        cols = torch.arange(w, device=x.device).view(1, 1, w)
-        hole = ((rows - cy).abs() * 2 < side_h) & ((cols - cx).abs() * 2 < side_w)
-        return x.masked_fill(hole.unsqueeze(1), 0.0)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float [N, 3, H, W] in [0, 1] -> strong view [N, 3, size, size] in [0, 1]."""
-        as_uint8 = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        out = torch.stack([self.sample_ops(image) for image in as_uint8.cpu()]).to(x.device).float() / 255.0
-        out = self.cutout(out)
-        if out.shape[-1] != self.size or out.shape[-2] != self.size:
-            out = F.interpolate(out, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
-        return out
-
-
-class ChannelSlice(nn.Module):
-    """Picks image `part` from channel-stacked images ([N, 3 * parts, H, W]) and augments it.
-
-    The trainer's device-augmentation loop augments `views[0]` once per batch view; stacking (sample, neighbour) on
-    the channel axis lets each batch view see its own image without a second training loop.
-    """
-
-    def __init__(self, part: int, augment: nn.Module) -> None:
-        super().__init__()
-        self.part = part
-        self.augment = augment
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.augment(x[:, 3 * self.part : 3 * self.part + 3])
-
-
 # --------------------------------------------------------------------------------------------------- datasets
 class NeighbourPairs(Dataset):
     """Item i -> (view of sample i, view of a random one of its mined neighbours, label, i).
 
     `passes` given: views are rows of cached feature passes (a random pass per side). Otherwise `base` is an image
-    dataset and `transform` is applied to both images; with `stack=True` both are stacked on the channel axis.
+    dataset and `transforms[0]` / `transforms[1]` make the anchor's and the neighbour's view.
     """
 
     def __init__(
@@ -199,31 +149,27 @@ class NeighbourPairs(Dataset):
         neighbours: np.ndarray,
         labels: np.ndarray,
         *,
-        passes: list[np.ndarray] | None = None,
+        passes: Sequence[np.ndarray] | None = None,
         base: Dataset | None = None,
-        transform: Any = None,
-        stack: bool = False,
+        transforms: Sequence[Callable[..., torch.Tensor]] = (),
     ) -> None:
         self.neighbours = np.asarray(neighbours)
         self.labels = np.asarray(labels)
         self.passes = [torch.from_numpy(p) for p in passes] if passes is not None else None
-        self.base, self.transform, self.stack = base, transform, stack
+        self.base, self.transforms = base, list(transforms)
 
     def __len__(self) -> int:
         return int(self.neighbours.shape[0])
 
-    def _view(self, index: int) -> torch.Tensor:
+    def _view(self, index: int, side: int) -> torch.Tensor:
         if self.passes is not None:
             return self.passes[random.randrange(len(self.passes))][index]
         image, _ = self.base[index]  # type: ignore[index]
-        return self.transform(image)
+        return self.transforms[side](image)
 
     def __getitem__(self, index: int) -> tuple:
         neighbour = int(self.neighbours[index, random.randrange(self.neighbours.shape[1])])
-        a, b = self._view(index), self._view(neighbour)
-        if self.stack:
-            return torch.cat([a, b], dim=0), int(self.labels[index]), index
-        return a, b, int(self.labels[index]), index
+        return self._view(index, 0), self._view(neighbour, 1), int(self.labels[index]), index
 
 
 class WeakStrongPasses(Dataset):
@@ -243,73 +189,25 @@ class WeakStrongPasses(Dataset):
         return weak, strong, int(self.labels[index]), index
 
 
-def strong_features(trainer: Trainer, dataset: Dataset, split: str, view: str) -> np.ndarray:
-    """Cached frozen-backbone features of the strong view `strongI` (seeded: the I-th pass is reproducible).
-
-    Images are taken at their own resolution (RandAugment is cheap there) and resized after augmentation.
-    """
-    from torch.utils.data import Subset
-
-    from serving.core.preprocess import resize_for_model
-    from training.features import cached_embed, embed
-    from training.models.backbones import create_backbone
-
-    if not view.startswith("strong"):
-        raise ValueError(f"not a strong view: {view!r}")
-    base, index = (dataset.dataset, np.asarray(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
-    d, m = trainer.config.data, trainer.config.model
-    native = int(np.asarray(base[0][0]).shape[0])  # square datasets (CIFAR 32, Fashion-MNIST 28); others resized
-    fraction = trainer.config.method.cutout_fraction  # type: ignore[union-attr]
-    key = {
-        "backbone": m.backbone,
-        "dataset": f"{d.dataset}:{split}",
-        "n": len(base),
-        "size": d.image_size,
-        "view": view,
-        "native": native,
-        "augment_impl": f"randaugment2x10-flip-cutout{fraction}-native",
-        "version": 1,
-    }
-
-    def native_tensor(image: Any) -> torch.Tensor:
-        array = resize_for_model(image, native)
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255.0)
-
-    def compute() -> np.ndarray:
-        backbone = create_backbone(m.backbone, pretrained=True)
-        return embed(
-            backbone,
-            base,
-            native_tensor,
-            workers=d.workers,
-            seed=2000 + int(view.removeprefix("strong") or 0),
-            desc=f"{d.dataset}:{split}:{view}",
-            batch_augment=StrongAugment(d.image_size, fraction),
-        )
-
-    full = cached_embed(key, compute)
-    return full if index is None else full[index]
+# --------------------------------------------------------------------------------------------------- stages
+def runs_pretext(config: TrainConfig) -> bool:
+    """SimCLR pretext unless the backbone is pretrained and frozen (`pretext: auto`)."""
+    s: SCANConfig = config.method  # type: ignore[assignment]
+    m = config.model
+    if s.pretext == "auto":
+        return not (m.pretrained and m.freeze_backbone)
+    if s.pretext == "simclr" and m.cached_features:
+        raise ValueError("pretext=simclr cannot train a frozen, cached backbone; use pretext=skip or auto")
+    return s.pretext == "simclr"
 
 
-def cached_views(trainer: Trainer, names: Sequence[str]) -> list[np.ndarray]:
-    """Training-set feature passes by name: "clean", "augI" (trainer cache), "strongI" (this module's cache)."""
-    split = trainer.config.data.train_split
-    out = []
-    for name in names:
-        if name.startswith("strong"):
-            out.append(strong_features(trainer, trainer.train_set, split, name))
-        else:
-            out.append(trainer.cached_passes(trainer.train_set, split, [name])[0])
-    return out
-
-
-# --------------------------------------------------------------------------------------------------- methods
-@register_method("simclr")
 class SimCLRPretext(Method):
     """SCAN's pretext task: NT-Xent on the instance projection of two SimCLR views (tau from the config).
 
     SimCLR's CIFAR augmentations are CC's with strength 0.5 (ColorJitter 0.4/0.4/0.4/0.1), so the base views apply.
     """
+
+    name = "scan/pretext"
 
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
         tau = self.config.method.pretext_temperature  # type: ignore[union-attr]
@@ -318,38 +216,24 @@ class SimCLRPretext(Method):
         return {"loss": loss}
 
 
-@register_method("scan")
 class SCANClustering(Method):
     """SCAN loss on (sample, neighbour) pairs for every cluster head; keeps the lowest-loss head."""
+
+    name = "scan/scan"
 
     def __init__(self, config: TrainConfig, neighbours: np.ndarray | None = None) -> None:
         super().__init__(config)
         self.neighbours = neighbours
 
-    def batch_views(self) -> list[nn.Module]:
-        from training.data.batch_augment import BatchAugment
-
-        d = self.config.data
-        return [ChannelSlice(i, BatchAugment(d.image_size, d.augment_strength, d.min_crop_scale)) for i in range(2)]
-
-    def train_dataset(self, trainer: Trainer) -> Dataset:
+    def train_data(self, ctx: MethodContext) -> Dataset:
         if self.neighbours is None:
-            raise ValueError("SCAN needs mined neighbours (run the pipeline's mine stage first)")
-        labels = np.asarray(trainer.train_set.labels)  # type: ignore[attr-defined]
-        if trainer.cached:
-            views = ["clean", *(f"aug{i}" for i in range(trainer.config.model.feature_views))]
-            return NeighbourPairs(self.neighbours, labels, passes=cached_views(trainer, views))
-        if trainer.device_augment:
-            from training.data.views import eval_transform
-
-            return NeighbourPairs(
-                self.neighbours,
-                labels,
-                base=trainer.train_set,
-                transform=eval_transform(trainer.config.data.image_size),
-                stack=True,
-            )
-        return NeighbourPairs(self.neighbours, labels, base=trainer.train_set, transform=self.train_views()[0])
+            raise ValueError("SCAN needs mined neighbours (the mine stage runs first)")
+        if ctx.cached:
+            passes = ctx.passes(ctx.train_set, cached_view_names(self.config.model.feature_views))
+            return NeighbourPairs(self.neighbours, ctx.train_labels, passes=passes)
+        return NeighbourPairs(
+            self.neighbours, ctx.train_labels, base=ctx.train_set, transforms=ctx.transforms(self.views())
+        )
 
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config.method
@@ -367,40 +251,36 @@ class SCANClustering(Method):
         out["loss"] = total
         return out
 
-    def on_epoch_end(self, trainer: Trainer, losses: dict[str, float]) -> None:
-        head_losses = [losses[f"head{i}"] for i in range(len(trainer.model.cluster_heads))]
-        trainer.model.head_index = select_head(head_losses)
-        losses["head_index"] = trainer.model.head_index
+    def on_epoch_end(self, ctx: MethodContext, epoch: int, losses: dict[str, float]) -> None:
+        head_losses = [losses[f"head{i}"] for i in range(len(ctx.model.cluster_heads))]
+        ctx.model.head_index = select_head(head_losses)
+        losses["head_index"] = ctx.model.head_index
 
 
-@register_method("scan_selflabel")
 class SelfLabel(Method):
     """Self-labelling of the kept head on (weak, strong) views, with the collapse guard."""
+
+    name = "scan/selflabel"
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
         self._assignments: list[torch.Tensor] = []
         self._checked_start = False
 
-    def batch_views(self) -> list[nn.Module]:
-        from training.data.batch_augment import BatchAugment
+    def strong(self) -> Strong:
+        return Strong(self.config.data.image_size, self.config.method.cutout_fraction)  # type: ignore[union-attr]
 
-        d = self.config.data
-        weak = BatchAugment(d.image_size, d.augment_strength, min_scale=0.6, jitter_p=0.0, grayscale_p=0.0)
-        return [weak, StrongAugment(d.image_size, self.config.method.cutout_fraction)]  # type: ignore[union-attr]
+    def views(self) -> list[Recipe]:
+        """Weak: a mild crop (0.6-1) and flip; strong: RandAugment + Cutout."""
+        weak = CropJitter(self.config.data.image_size, self.config.data.augment_strength, 0.6, 0.0, 0.0)
+        return [weak, self.strong()]
 
-    def train_views(self) -> list[Any]:
-        from training.data.views import strong_augment, weak_augment
-
-        size = self.config.data.image_size
-        return [weak_augment(size), strong_augment(size)]
-
-    def train_dataset(self, trainer: Trainer) -> Dataset | None:
-        if not trainer.cached:
-            return None  # the trainer's own recipe (loader or device views from this method)
-        strong = self.config.method.selflabel_strong_views  # type: ignore[union-attr]
-        labels = np.asarray(trainer.train_set.labels)  # type: ignore[attr-defined]
-        return WeakStrongPasses(cached_views(trainer, ["clean"]), cached_views(trainer, strong), labels)
+    def train_data(self, ctx: MethodContext) -> Dataset | None:
+        if not ctx.cached:
+            return None  # the trainer's views of `views()` on the configured path
+        names = self.config.method.selflabel_strong_views  # type: ignore[union-attr]
+        weak = ctx.passes(ctx.train_set, ["clean"])
+        return WeakStrongPasses(weak, ctx.passes(ctx.train_set, names, self.strong()), ctx.train_labels)
 
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
         threshold = self.config.method.selflabel_threshold  # type: ignore[union-attr]
@@ -411,22 +291,76 @@ class SelfLabel(Method):
         loss, mask = selflabel_loss(head.logits(batch.features[1]), p_weak, threshold)
         return {"loss": loss, "confident": mask.float().mean().detach()}
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: MethodContext, epoch: int) -> None:
         self._assignments = []
         if not self._checked_start:  # first epoch of this process: check the model we start from
             self._checked_start = True
-            probabilities, _, _ = trainer.predict()
-            self.guard(probabilities.argmax(axis=1), trainer.model.k, f"selflabel start (epoch {epoch})")
+            probabilities, _, _ = ctx.predict(None)
+            self.guard(probabilities.argmax(axis=1), ctx.model.k, f"selflabel start (epoch {epoch})")
 
-    def on_epoch_end(self, trainer: Trainer, losses: dict[str, float]) -> None:
+    def on_epoch_end(self, ctx: MethodContext, epoch: int, losses: dict[str, float]) -> None:
         if self._assignments:
-            sizes = self.guard(
-                torch.cat(self._assignments).numpy(), trainer.model.k, f"selflabel epoch {trainer.epoch + 1}"
-            )
+            sizes = self.guard(torch.cat(self._assignments).numpy(), ctx.model.k, f"selflabel epoch {epoch + 1}")
             losses["largest_share"] = round(max(sizes) / max(sum(sizes), 1), 4)
 
     def guard(self, assignments: np.ndarray, k: int, where: str) -> list[int]:
         return check_collapse(assignments, k, self.config.method.collapse_share, where)  # type: ignore[union-attr]
+
+
+@register_method("scan")
+class SCAN(Method):
+    """The staged SCAN method: pretext (unless the backbone is pretrained and frozen) -> mine -> scan -> selflabel."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.settings: SCANConfig = config.method  # type: ignore[assignment]
+        self.clustering = SCANClustering(config)
+        self.neighbours: Neighbours | None = None
+        self.pretext = runs_pretext(config)
+
+    def stages(self) -> list[Stage | StepStage]:
+        s = self.settings
+        stages: list[Stage | StepStage] = []
+        if self.pretext:
+            stages.append(Stage("pretext", SimCLRPretext(self.config), s.pretext_epochs, s.pretext_lr))
+        stages.append(StepStage("mine", NEIGHBOURS_FILE, self.mine, self.load_neighbours))
+        stages.append(Stage("scan", self.clustering, s.scan_epochs, s.scan_lr))
+        if s.selflabel_epochs > 0:
+            stages.append(Stage("selflabel", SelfLabel(self.config), s.selflabel_epochs, s.selflabel_lr))
+        return stages
+
+    def mine_source(self) -> str:
+        if self.settings.mine_on != "auto":
+            return self.settings.mine_on
+        return "projection" if self.pretext else "backbone"
+
+    def mine(self, ctx: MethodContext, path: Path) -> None:
+        """Top-k neighbours of the training set's embedding: cached clean features, or a clean pass through the
+        (pretext) network; with `mine_on: projection`, through the instance projector."""
+        source = self.mine_source()
+        _, features, _ = ctx.predict(ctx.train_set)
+        if source == "projection":
+            with torch.inference_mode():
+                ctx.model.eval()
+                tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(ctx.device)
+                features = torch.cat([ctx.model.instance_head(c) for c in tensor.split(4096)]).cpu().numpy()
+        labels = ctx.train_labels
+        mine(features, labels if (labels >= 0).all() else None, self.settings.neighbours, source).save(path)
+
+    def load_neighbours(self, ctx: MethodContext, path: Path) -> None:
+        neighbours = Neighbours.load(path)
+        if neighbours.k != self.settings.neighbours:
+            raise ValueError(f"{path} holds k={neighbours.k}, config asks {self.settings.neighbours}; use a new run")
+        self.neighbours = neighbours
+        self.clustering.neighbours = neighbours.indices
+        log.info(json.dumps({"event": "neighbours", "k": neighbours.k, "agreement": neighbours.agreement}))
+
+    def summary(self, ctx: MethodContext) -> dict[str, Any]:
+        agreement = self.neighbours.agreement if self.neighbours is not None else float("nan")
+        return {
+            "neighbour_k": self.settings.neighbours,
+            "neighbour_agreement": None if math.isnan(agreement) else round(agreement, 4),
+        }
 
 
 def entropy_upper_bound(k: int) -> float:
