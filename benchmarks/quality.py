@@ -3,7 +3,7 @@
     python benchmarks/quality.py --suite cifar10_lite0 --only cc kmeans
     python benchmarks/quality.py --suite fashion_mnist --only cc kmeans
 
-Rows go to `benchmarks/results/quality.json` (a row is replaced when dataset, method and backbone match):
+Rows go to `benchmarks/results/quality.json` (a row is replaced when dataset, method, backbone and seed match):
 `{dataset, split, method, backbone, acc, nmi, ari, seconds, commit, machine, config, overrides, extra}`.
 A method is an entry of `SUITES` (config file + overrides); add ablations there, never a second script.
 """
@@ -38,9 +38,10 @@ class Experiment:
 
 
 def _cces_ablations(config: str) -> dict[str, Experiment]:
-    """CCES (nn double + ContrastiveCrop) and its ablation grid: nn none/single/double x ccrop on/off, one config."""
+    """CCES (NN(double) + ContrastiveCrop) and the CCES paper's Table 4 grid: RCrop/CCrop x none/single1/single2/double,
+    one config (`cces` is the paper's full method, the CCrop x double cell)."""
     rows = {"cces": Experiment("cces", config, ("method.nn=double", "method.ccrop=true"))}
-    for nn in ("none", "single", "double"):
+    for nn in ("none", "single1", "single2", "double"):
         for ccrop in ("on", "off"):
             if (nn, ccrop) != ("double", "on"):
                 name = f"cces-nn_{nn}-ccrop_{ccrop}"
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), required=True)
     parser.add_argument("--only", nargs="*", help="methods of the suite to run (default: all, plus kmeans)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one row per seed (rows keyed by seed)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -202,16 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods for {args.suite}: {unknown}; known: {sorted(SUITES[args.suite])}")
     rows = []
-    for key in wanted:
-        row = kmeans_row(args.suite, args.seed) if key == "kmeans" else None
-        if row is None:
-            row = run_experiment(SUITES[args.suite][key], args.out_dir, args.seed)
-        row.update(provenance())
-        row["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        rows.append(row)
-        write_rows("quality", [row], merge_on=("dataset", "method", "backbone"))
-        print(json.dumps(row), flush=True)
-    print_table(rows, ["dataset", "method", "backbone", "acc", "nmi", "ari", "seconds"])
+    for seed in args.seeds:
+        for key in wanted:
+            row = kmeans_row(args.suite, seed) if key == "kmeans" else None
+            if row is None:
+                row = run_experiment(SUITES[args.suite][key], args.out_dir, seed)
+            row.update(provenance())
+            row["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            rows.append(row)
+            write_rows("quality", [row], merge_on=("dataset", "method", "backbone", "seed"))
+            print(json.dumps(row), flush=True)
+    print_table(rows, ["dataset", "method", "backbone", "seed", "acc", "nmi", "ari", "seconds"])
     return 0
 
 

@@ -27,7 +27,7 @@ from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "digits_cc_tiny.yaml"
-CCES_TINY = ["method.name=cces", "method.queue_size=200", "method.warmup_epochs=1", "method.update_every=1"]
+CCES_TINY = ["method.name=cces", "method.queue_size=200", "method.warmup_share=0.34", "method.update_share=0.34"]
 
 
 # ------------------------------------------------------------------------------------------------ queue and NN
@@ -148,13 +148,67 @@ def test_cces_without_neighbours_and_crops_is_exactly_cc() -> None:
     assert cces.state_dict() == {}  # no queue, no boxes
     # with the batch itself in the support set each neighbour is the sample itself: CC's loss again (up to rounding);
     # with other samples there, the neighbour positives change the loss
-    single = create_method(load_config(TINY, ["method.name=cces", "method.nn=single", "method.ccrop=false"]))
+    single = create_method(load_config(TINY, ["method.name=cces", "method.nn=double", "method.ccrop=false"]))
     single.on_step_end(batch)
     assert torch.allclose(single.loss(model, batch)["loss"], a["loss"], atol=1e-4)
     other = _model_and_batch(seed=1)[1]
     single.on_step_end(other)
     single.queue.features[single.queue.nearest(batch.features[0])] *= -1  # hide the batch's own entries
     assert not torch.allclose(single.loss(model, batch)["loss"], a["loss"], atol=1e-3)
+
+
+def _mode(nn: str, batch: Batch, other: Batch) -> dict[str, torch.Tensor]:
+    """Losses of CCES in neighbour mode `nn` with a support set that holds only `other` (not `batch`)."""
+    model, _ = _model_and_batch()
+    method = create_method(load_config(TINY, ["method.name=cces", f"method.nn={nn}", "method.queue_size=64"]))
+    method.on_step_end(other)
+    return method.loss(model, batch)
+
+
+def test_neighbour_modes_follow_the_paper() -> None:
+    """Table 4 of the CCES paper: single1 puts NN(xi1) in the instance loss only, single2 in the cluster loss only,
+    double in both; each loss where the neighbour is not used equals CC's (= nn none)."""
+    _, batch = _model_and_batch()
+    other = _model_and_batch(seed=1)[1]
+    none, single1, single2, double = (_mode(nn, batch, other) for nn in ("none", "single1", "single2", "double"))
+    assert torch.equal(single1["cluster"], none["cluster"]) and not torch.allclose(
+        single1["instance"], none["instance"]
+    )
+    assert torch.equal(single2["instance"], none["instance"]) and not torch.allclose(
+        single2["cluster"], none["cluster"]
+    )
+    assert torch.equal(double["instance"], single1["instance"]) and torch.equal(double["cluster"], single2["cluster"])
+
+
+def test_cluster_entropy_is_on_the_neighbours_assignments() -> None:
+    """Eq. 9: with the neighbour in the cluster loss, the balance term is H of phi_C(NN(xi1)) and of view 2."""
+    from training.losses.contrastive import balance_term, cluster_contrastive
+
+    model, batch = _model_and_batch()
+    other = _model_and_batch(seed=1)[1]
+    method = create_method(load_config(TINY, ["method.name=cces", "method.nn=single2", "method.queue_size=64"]))
+    method.on_step_end(other)
+    n1, _ = method.neighbours(batch.features[0])
+    with torch.no_grad():
+        p_n, p2 = model.cluster_head(n1), model.cluster_head(batch.features[1])
+        expected = cluster_contrastive(p_n, p2, 1.0) + balance_term(p_n) + balance_term(p2)
+        got = method.loss(model, batch)["cluster"]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_neighbour_search_is_fp32_inside_bf16_autocast() -> None:
+    """Near-ties that bf16 cosines cannot separate: under autocast the search still finds the fp32 neighbour."""
+    generator = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(1, 64, generator=generator), dim=1)
+    candidates = base + 1e-3 * torch.randn(512, 64, generator=generator)  # all within bf16's rounding of each other
+    queue = FeatureQueue(512, 64)
+    queue.enqueue(candidates)
+    query = base + 1e-3 * torch.randn(4, 64, generator=generator)
+    exact = queue.nearest(query)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert torch.equal(queue.nearest(query), exact)
+        rounded = (F.normalize(query, dim=1) @ queue.features.t()).argmax(dim=1)
+    assert not torch.equal(rounded, exact)  # the same product in bf16 picks other entries: the test can fail
 
 
 def test_neighbour_positive_is_the_support_set_entry_rescaled() -> None:
@@ -228,7 +282,7 @@ def test_cached_mode_swaps_in_a_contrastive_crop_pass(tmp_path: Path, monkeypatc
             "model.feature_views=2",
             "method.name=cces",
             "method.queue_size=256",
-            "method.warmup_epochs=1",
+            "method.warmup_share=0.5",
         ],
     )
     trainer = Trainer(config)

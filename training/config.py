@@ -113,21 +113,27 @@ class SCANConfig(_Strict):
 
 
 class CCESConfig(_Strict):
-    """CCES (contrastive clustering with effective sample pairs): CC + ContrastiveCrop + nearest neighbours from a
-    FIFO support set of backbone features. `nn=none, ccrop=false` is CC (with these temperatures)."""
+    """CCES (Yin, Wu, Sun, Information Fusion 2023): CC + ContrastiveCrop + nearest neighbours from a FIFO support
+    set of backbone features. `nn=none, ccrop=false` is CC (with these temperatures).
+
+    Neighbour modes (the paper's Sec. 4.4 and Table 4): the neighbour NN(xi1) of view 1 takes view 1's place in the
+    instance-level loss only (`single1`), in the cluster-level loss only (`single2`), or in both (`double`).
+    ContrastiveCrop's warm-up and box refresh are shares of `optim.epochs` (official ContrastiveCrop CIFAR config:
+    100 of 500 epochs each, alpha 0.1, threshold 0.1), so they scale with the budget.
+    """
 
     name: Literal["cces"] = "cces"
     instance_temperature: float = Field(0.2, gt=0, description="tau_R")
     cluster_temperature: float = Field(1.0, gt=0, description="tau_C")
-    nn: Literal["none", "single", "double"] = Field(
-        "double", description="neighbour positives: none, view 1 only, or both views (symmetric)"
+    nn: Literal["none", "single1", "single2", "double"] = Field(
+        "double", description="where NN(xi1) replaces view 1: none, instance loss, cluster loss, or both"
     )
     ccrop: bool = Field(True, description="ContrastiveCrop boxes from heat maps instead of plain RandomResizedCrop")
     queue_size: int = Field(65_536, ge=1, description="support set size h")
-    warmup_epochs: int = Field(20, ge=0, description="epochs of plain RandomResizedCrop before the first boxes")
-    update_every: int = Field(20, ge=1, description="epochs between box updates (trained backbones)")
+    warmup_share: float = Field(0.2, ge=0, le=1, description="share of the epochs with plain crops before boxes")
+    update_share: float = Field(0.2, gt=0, le=1, description="share of the epochs between box updates")
     box_threshold: float = Field(0.1, ge=0, lt=1, description="heat-map threshold of the box")
-    beta_alpha: float = Field(0.6, gt=0, description="Beta(alpha, alpha) of the crop centre inside the box")
+    beta_alpha: float = Field(0.1, gt=0, description="Beta(alpha, alpha) of the crop centre inside the box")
 
 
 MethodConfig = Annotated[CCConfig | CCESConfig | SCANConfig, Field(discriminator="name")]

@@ -1,22 +1,24 @@
-"""CCES — contrastive clustering with effective sample pairs (Information Fusion, 2023), built on CC's parts.
+"""CCES — contrastive clustering with effective sample pairs (Yin, Wu, Sun, Information Fusion 2023), on CC's parts.
 
 Two additions to CC, each behind a switch:
 
-- `nn` (none | single | double): a FIFO support set S of L2-normalised backbone features. The positive of view 2 is
-  the nearest neighbour in S of view 1's feature, NN(xi1), instead of xi1 itself: the instance loss (tau_R) contrasts
-  phi_R(NN(xi1)) with u2 = phi_R(xi2), the cluster loss (tau_C) contrasts phi_C(NN(xi1)) with phi_C(xi2); `double`
-  adds the mirrored pair (NN(xi2) against view 1) and averages the two, so loss scales stay CC's. The entropy
-  (balance) term is CC's, on the batch's own assignments. Batch features are enqueued after the optimiser step, so
-  a sample is never its own neighbour within a step.
+- `nn` (none | single1 | single2 | double): a FIFO support set S of L2-normalised backbone features. NN(xi1), the
+  nearest neighbour in S of view 1's feature, takes view 1's place against view 2 (the paper's Algorithm 1 and
+  Eqs. 3-7 only ever pair NN(xi1) with xi2): in the instance loss (tau_R) only (`single1`), in the cluster loss (tau_C)
+  only (`single2`), or in both (`double`). Where the cluster loss uses the neighbour, its entropy (balance) term is on
+  the neighbour's assignments phi_C(NN(xi1)) and view 2's (Eq. 9). Batch features are enqueued after the optimiser
+  step, so a sample is never its own neighbour within a step. The neighbour search and the contrastive logits run in
+  fp32 whatever the autocast (bf16 cosines break near-ties among 65,536 candidates by the lowest slot).
 - `ccrop` (ContrastiveCrop): crops centred inside per-sample boxes from the backbone's heat maps
-  (`training.data.ccrop`), plain crops during the warm-up epochs, boxes refreshed every `update_every` epochs.
+  (`training.data.ccrop`), plain crops during the warm-up share of the epochs, boxes refreshed every update share.
   With a frozen backbone (cached features) the heat maps never change: boxes are computed once and the ContrastiveCrop
   view is one extra cached augmented pass that replaces the last plain augmented pass (same number of views as CC).
 
 `nn=none, ccrop=false` is exactly CC's loss (a test checks it). Test-time assignment is CC's: argmax phi_C(pi(x)).
 
 The neighbour is a unit vector from S; it is rescaled to the query's norm before the heads, because the heads are
-trained on un-normalised backbone features and a unit-norm input would sit far outside what they see otherwise.
+trained on un-normalised backbone features and a unit-norm input would sit far outside what they see otherwise
+(a deviation the paper does not need: its heads see the backbone's features, which S stores un-normalised there).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from training.data.ccrop import BoxState, ContrastiveCrop, boxes_from_heatmaps, 
 from training.data.datasets import base_and_index
 from training.data.views import CachedPasses, Recipe, cached_view_names
 from training.features import cached_array, feature_key, frozen_pass
-from training.losses.contrastive import balance_term, cc_cluster_loss, cluster_contrastive, nt_xent
+from training.losses.contrastive import cc_cluster_loss, nt_xent
 from training.methods.base import Batch, Method, MethodContext, register_method
 from training.models.heads import ClusteringModel
 
@@ -83,9 +85,11 @@ class FeatureQueue:
 
     @torch.no_grad()
     def nearest(self, queries: torch.Tensor) -> torch.Tensor:
-        """Index into S of each query's nearest neighbour by L2 distance on normalised features (= max cosine)."""
+        """Index into S of each query's nearest neighbour by L2 distance on normalised features (= max cosine), in
+        fp32 even inside a bf16 autocast."""
         q = F.normalize(queries.detach().float(), dim=1).to(self.features.device)
-        return (q @ self.features.t()).argmax(dim=1)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return (q @ self.features.t()).argmax(dim=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"features": self.features.cpu(), "labels": self.labels.cpu(), "ptr": torch.tensor(self.ptr)}
@@ -139,22 +143,19 @@ class CCES(Method):
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
         h1, h2 = batch.features[0], batch.features[1]
         tau_r, tau_c = self.cfg.instance_temperature, self.cfg.cluster_temperature
-        u1, u2 = model.instance_head(h1), model.instance_head(h2)
-        p1, p2 = model.cluster_head(h1), model.cluster_head(h2)
-        if self.cfg.nn == "none":
-            instance = nt_xent(u1, u2, tau_r)
-            cluster = cc_cluster_loss(p1, p2, tau_c)
-            return {"loss": instance + cluster, "instance": instance.detach(), "cluster": cluster.detach()}
-
-        n1, index1 = self.neighbours(h1)
-        instance = nt_xent(model.instance_head(n1), u2, tau_r)
-        contrast = cluster_contrastive(model.cluster_head(n1), p2, tau_c)
-        extras = {"nn_label_agree": self._agreement(index1, batch.labels)}
-        if self.cfg.nn == "double":
-            n2, _ = self.neighbours(h2)
-            instance = (instance + nt_xent(model.instance_head(n2), u1, tau_r)) / 2
-            contrast = (contrast + cluster_contrastive(model.cluster_head(n2), p1, tau_c)) / 2
-        cluster = contrast + balance_term(p1) + balance_term(p2)
+        mode = self.cfg.nn
+        extras: dict[str, torch.Tensor] = {}
+        n1 = h1
+        if mode != "none":
+            n1, index1 = self.neighbours(h1)
+            extras["nn_label_agree"] = self._agreement(index1, batch.labels)
+        anchor_r = n1 if mode in ("single1", "double") else h1  # view 1's stand-in in the instance loss
+        anchor_c = n1 if mode in ("single2", "double") else h1  # ... and in the cluster loss
+        u1, u2 = model.instance_head(anchor_r), model.instance_head(h2)
+        p1, p2 = model.cluster_head(anchor_c), model.cluster_head(h2)
+        with torch.autocast(device_type=h1.device.type, enabled=False):
+            instance = nt_xent(u1.float(), u2.float(), tau_r)
+            cluster = cc_cluster_loss(p1.float(), p2.float(), tau_c)  # Eq. 9: entropy on phi_C(anchor) and view 2
         return {"loss": instance + cluster, "instance": instance.detach(), "cluster": cluster.detach(), **extras}
 
     def _agreement(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,18 +180,24 @@ class CCES(Method):
 
     # ------------------------------------------------------------------ ContrastiveCrop boxes
     def on_epoch_start(self, ctx: MethodContext, epoch: int) -> None:
-        if not self.cfg.ccrop or epoch < self.cfg.warmup_epochs:
+        warmup, every = self.box_schedule()
+        if not self.cfg.ccrop or epoch < warmup:
             return
         if ctx.cached:
             self._use_frozen_ccrop_pass(ctx)
             return
-        due = (epoch - self.cfg.warmup_epochs) % self.cfg.update_every == 0
+        due = (epoch - warmup) % every == 0
         if self.boxes is None or (due and self.boxes_epoch != epoch):
             self.boxes = self.compute_boxes(ctx)
             self.boxes_epoch = epoch
             log.info("cces: boxes updated at epoch %d (mean area %.3f)", epoch, float(box_areas(self.boxes).mean()))
         self.box_state.boxes = self.boxes
         self.box_state.active = True
+
+    def box_schedule(self) -> tuple[int, int]:
+        """(warm-up epochs, epochs between box updates): the configured shares of `optim.epochs`."""
+        epochs = self.config.optim.epochs or 1
+        return round(self.cfg.warmup_share * epochs), max(1, round(self.cfg.update_share * epochs))
 
     def compute_boxes(self, ctx: MethodContext) -> torch.Tensor:
         """Boxes of every training sample from the current backbone's heat maps."""
