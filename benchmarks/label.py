@@ -86,8 +86,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0")
     parser.add_argument("--folder", type=Path, default=None, help="default: the extracted CIFAR-10 test folder")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--worker-nice", type=int, default=None,
-                        help="decode workers' niceness (default: the labeller's)")
+    parser.add_argument(
+        "--worker-nice", type=int, default=None, help="decode workers' niceness (default: the labeller's)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--variant", default="fp32", help="fp32 | int8 | fp16, as in `deepclust label --variant`")
@@ -112,9 +113,16 @@ def main() -> None:
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
             config = LabelConfig(
-                root=folder, model=args.model, output=Path(tmp) / "labels.jsonl", workers=args.workers,
-                batch_size=args.batch_size, threads=args.threads, variant=args.variant, shard=Shard(),
-                progress="none", **({} if args.worker_nice is None else {"worker_nice": args.worker_nice}),
+                root=folder,
+                model=args.model,
+                output=Path(tmp) / "labels.jsonl",
+                workers=args.workers,
+                batch_size=args.batch_size,
+                threads=args.threads,
+                variant=args.variant,
+                shard=Shard(),
+                progress="none",
+                **({} if args.worker_nice is None else {"worker_nice": args.worker_nice}),
             )
             started = time.perf_counter()
             summary = Labeller(config).run()
@@ -132,20 +140,37 @@ def main() -> None:
         "model": str(args.model.name),
         "precision": args.variant,  # the results files keep their column name
         "input_size": engine.input_size,
-        "workers": args.workers, "worker_nice": args.worker_nice,
-        "threads": args.threads or os.cpu_count(), "batch_size": args.batch_size,
+        "workers": args.workers,
+        "worker_nice": args.worker_nice,
+        "threads": args.threads or os.cpu_count(),
+        "batch_size": args.batch_size,
         "labeller_images_per_s": round(labeller_ips, 1),
         "engine_images_per_s": round(engine_ips, 1),
         "ratio": round(labeller_ips / engine_ips, 3),
-        "labeller_runs": [round(x, 1) for x in labeller_runs], "engine_runs": [round(x, 1) for x in engine_runs],
+        "labeller_runs": [round(x, 1) for x in labeller_runs],
+        "engine_runs": [round(x, 1) for x in engine_runs],
         "labeller_wall_s": round(float(np.median(walls)), 2),
         "peak_rss_mb": round(labeller_rss, 1),
-        "images": images, "errors": summary.errors, **provenance(),
+        "images": images,
+        "errors": summary.errors,
+        **provenance(),
     }
     path = write_rows("label", [row], merge_on=KEY)
-    print_table([row], ["model", "workers", "threads", "batch_size", "labeller_images_per_s", "engine_images_per_s",
-                        "ratio",
-                        "peak_rss_mb", "images", "errors"])
+    print_table(
+        [row],
+        [
+            "model",
+            "workers",
+            "threads",
+            "batch_size",
+            "labeller_images_per_s",
+            "engine_images_per_s",
+            "ratio",
+            "peak_rss_mb",
+            "images",
+            "errors",
+        ],
+    )
     print(f"wrote {path}")
 
 

@@ -30,8 +30,10 @@ def _shard_from(shard: str | None, shard_count: int | None) -> tuple[int, int]:
             raise ValueError("a shard count was given without a shard index (--shard I/N or JOB_COMPLETION_INDEX)")
         return 0, 1
     if count is None:
-        raise ValueError("JOB_COMPLETION_INDEX is set but the shard count is not: pass --shard-count N or set "
-                         "DEEPCLUST_SHARD_COUNT (the Job's completions)")
+        raise ValueError(
+            "JOB_COMPLETION_INDEX is set but the shard count is not: pass --shard-count N or set "
+            "DEEPCLUST_SHARD_COUNT (the Job's completions)"
+        )
     parsed = Shard(int(index), int(count))
     return parsed.index, parsed.count
 
@@ -42,7 +44,9 @@ def command(
         ..., "--model", "-m", help="model_store/NAME, a model name in ./model_store, or a .onnx file."
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o",
+        ...,
+        "--output",
+        "-o",
         help="labels.csv | labels.jsonl | labels.parquet. '{shard}' in the name is replaced by the shard index.",
     ),
     errors: Path | None = typer.Option(
@@ -82,9 +86,21 @@ def command(
         if gallery is not None:
             gallery = Path(str(gallery).replace("{shard}", str(index)))
         config = LabelConfig(
-            root=directory, model=model, output=output, errors=errors, top_k=top_k, shard=Shard(index, count),
-            workers=workers, batch_size=batch_size, threads=threads, variant=variant, gallery=gallery,
-            overwrite=overwrite, max_bytes=int(max_mb * (1 << 20)), max_pixels=max_pixels, progress=progress,
+            root=directory,
+            model=model,
+            output=output,
+            errors=errors,
+            top_k=top_k,
+            shard=Shard(index, count),
+            workers=workers,
+            batch_size=batch_size,
+            threads=threads,
+            variant=variant,
+            gallery=gallery,
+            overwrite=overwrite,
+            max_bytes=int(max_mb * (1 << 20)),
+            max_pixels=max_pixels,
+            progress=progress,
         )
         summary = Labeller(config).run()
     except KeyboardInterrupt:

@@ -20,9 +20,7 @@ def command(
     token: str = typer.Option(
         None, "--token", envvar="DEEPCLUST_TOKEN", help="Inference bearer token (when token auth is on)."
     ),
-    key_file: Path = typer.Option(
-        None, "--key-file", help="TorchServe key_file.json to read the token from."
-    ),
+    key_file: Path = typer.Option(None, "--key-file", help="TorchServe key_file.json to read the token from."),
     batch: int = typer.Option(32, "--batch", min=1, help="Images per request."),
 ) -> None:
     """Print the cluster of each image, one JSON line per image, in order."""

@@ -19,21 +19,13 @@ def command(
     model: str = typer.Option(
         None, "--model", "-m", help="Model folder name in the store (default cifar10-lite0) or a path."
     ),
-    config: Path = typer.Option(
-        None, "--config", "-c", exists=True, dir_okay=False, help="YAML serve settings."
-    ),
-    model_store: Path = typer.Option(
-        None, "--model-store", help="Model store folder (default ./model_store)."
-    ),
-    variant: str = typer.Option(
-        None, "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …)."
-    ),
+    config: Path = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="YAML serve settings."),
+    model_store: Path = typer.Option(None, "--model-store", help="Model store folder (default ./model_store)."),
+    variant: str = typer.Option(None, "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …)."),
     host: str = typer.Option(None, "--host", help="Inference API address (default 127.0.0.1)."),
     port: int = typer.Option(None, "--port", help="Inference API port (default 8080)."),
     management: str = typer.Option(None, "--management", help="off (default) | loopback (127.0.0.1:8081)."),
-    metrics_port: int = typer.Option(
-        None, "--metrics-port", help="deepclust Prometheus metrics port (default 8082)."
-    ),
+    metrics_port: int = typer.Option(None, "--metrics-port", help="deepclust Prometheus metrics port (default 8082)."),
     metrics_host: str = typer.Option(
         None, "--metrics-host", help="deepclust Prometheus metrics address (default 127.0.0.1)."
     ),
@@ -41,12 +33,8 @@ def command(
         None, "--token-auth", help="auto (default: off only when every API is on loopback) | on | off."
     ),
     workers: int = typer.Option(None, "--workers", help="TorchServe workers (default 1)."),
-    batch_size: int = typer.Option(
-        None, "--batch-size", help="Server-side batch size in requests (default 16)."
-    ),
-    max_batch_delay_ms: int = typer.Option(
-        None, "--max-batch-delay-ms", help="Server-side batch delay (default 10)."
-    ),
+    batch_size: int = typer.Option(None, "--batch-size", help="Server-side batch size in requests (default 16)."),
+    max_batch_delay_ms: int = typer.Option(None, "--max-batch-delay-ms", help="Server-side batch delay (default 10)."),
     intra_op_threads: int = typer.Option(None, "--threads", help="onnxruntime threads per worker (0 = all)."),
     max_request_bytes: int = typer.Option(
         None, "--max-request-bytes", help="Largest request body the HTTP front accepts (default 100 MiB; 413 above)."

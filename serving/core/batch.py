@@ -46,8 +46,24 @@ if TYPE_CHECKING:  # the engine pulls in onnxruntime; workers never need it
 log = logging.getLogger("deepclust.batch")
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-     ".pbm", ".pnm", ".ico", ".tga"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".ico",
+        ".tga",
+    }
 )
 
 
@@ -196,14 +212,16 @@ def _decode_one(root: str, rel: str, previous: str | None, size: int, limits: De
             if previous == _TOO_LARGE_MARK:
                 return _Decoded(rel, None, None, None, True)
             return _Decoded(
-                rel, None, None,
-                ("too_large", f"the file has {st.st_size} bytes; the limit is {limits.max_bytes}"), False,
+                rel,
+                None,
+                None,
+                ("too_large", f"the file has {st.st_size} bytes; the limit is {limits.max_bytes}"),
+                False,
             )
         with open(path, "rb") as fh:
             data = fh.read(limits.max_bytes + 1)
     except OSError as exc:
-        return _Decoded(rel, None, None, ("decode_error", f"the file could not be read: {exc.strerror or exc}"),
-                        False)
+        return _Decoded(rel, None, None, ("decode_error", f"the file could not be read: {exc.strerror or exc}"), False)
     digest = hashlib.sha256(data).hexdigest()
     if previous is not None and previous == digest:
         return _Decoded(rel, digest, None, None, True)
@@ -350,8 +368,9 @@ def _decoded_stream(
             yield from _decode_chunk(root, chunk, size, options.limits)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=options.workers, mp_context=context, initializer=_worker_init,
-                               initargs=(options.worker_nice,))
+    pool = ProcessPoolExecutor(
+        max_workers=options.workers, mp_context=context, initializer=_worker_init, initargs=(options.worker_nice,)
+    )
     in_flight: deque[Future[list[_Decoded]]] = deque()
     try:
         for chunk in chunks:
@@ -364,4 +383,3 @@ def _decoded_stream(
         for future in in_flight:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-

@@ -149,9 +149,7 @@ class Engine:
     def _check_contract(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != INPUT_TYPE:
-            raise ValueError(
-                f"{self.model_path}: expected a uint8 input named '{INPUT_NAME}', got {list(inputs)}"
-            )
+            raise ValueError(f"{self.model_path}: expected a uint8 input named '{INPUT_NAME}', got {list(inputs)}")
         outputs = [o.name for o in self.session.get_outputs()]
         missing = [name for name in OUTPUT_NAMES if name not in outputs]
         if missing:
@@ -177,9 +175,7 @@ class Engine:
         images = np.asarray(images)
         size = self.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise ValueError(
-                f"expected uint8 [N, {size}, {size}, 3], got {images.dtype} {list(images.shape)}"
-            )
+            raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {images.dtype} {list(images.shape)}")
         if len(images) == 0:
             return EngineOutput(
                 np.zeros((0, self.k), np.float32), np.zeros((0,), np.int64), np.zeros((0, 0), np.float32)
@@ -225,12 +221,9 @@ def assign(output: EngineOutput, class_names: list[str] | None, top_k: int = 0) 
         top_list = None
         if order is not None:
             top_list = [
-                TopK(cluster=int(c), probability=float(probabilities[i, c]), label=label_of(int(c)))
-                for c in order[i]
+                TopK(cluster=int(c), probability=float(probabilities[i, c]), label=label_of(int(c))) for c in order[i]
             ]
         results.append(
-            Assignment(
-                cluster=cluster, confidence=float(confidences[i]), label=label_of(cluster), top_k=top_list
-            )
+            Assignment(cluster=cluster, confidence=float(confidences[i]), label=label_of(cluster), top_k=top_list)
         )
     return results

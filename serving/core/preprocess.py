@@ -75,9 +75,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise ImageError("decode_error", f"the image could not be decoded: {exc}") from exc
     except Exception as exc:  # a codec bug must still be a per-image error, never a failed batch
-        raise ImageError(
-            "decode_error", f"the image could not be decoded: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ImageError("decode_error", f"the image could not be decoded: {type(exc).__name__}: {exc}") from exc
     with contextlib.suppress(Exception):  # a broken EXIF block must not reject an otherwise good image
         image = ImageOps.exif_transpose(image) or image
     return to_rgb(image)

@@ -1,0 +1,1 @@
+"""`deepclust label`: resumable, shardable labelling of a folder, and its HTML cluster gallery."""

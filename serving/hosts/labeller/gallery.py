@@ -174,7 +174,8 @@ def _strip(items: list[tuple[float, str]], root: Path, limits: DecodeLimits) -> 
     for confidence, path in items:
         uri = thumbnail_uri(root, path, limits)
         image = (
-            f'<img src="{uri}" alt="{html.escape(path)}" title="{html.escape(path)}">' if uri
+            f'<img src="{uri}" alt="{html.escape(path)}" title="{html.escape(path)}">'
+            if uri
             else f'<span class="missing" title="{html.escape(path)} (unreadable)"></span>'
         )
         figures.append(f"<figure>{image}<figcaption>{confidence:.3f}</figcaption></figure>")
@@ -182,8 +183,14 @@ def _strip(items: list[tuple[float, str]], root: Path, limits: DecodeLimits) -> 
 
 
 def render(
-    data: GalleryData, *, root: Path, model_name: str, class_names: list[str] | None, k: int | None,
-    errors: int = 0, limits: DecodeLimits = DecodeLimits(),
+    data: GalleryData,
+    *,
+    root: Path,
+    model_name: str,
+    class_names: list[str] | None,
+    k: int | None,
+    errors: int = 0,
+    limits: DecodeLimits = DecodeLimits(),
 ) -> str:
     """The whole page as one string (it is small: a few hundred thumbnails at most)."""
     from serving.core.quality import evaluate_clustering
@@ -197,7 +204,8 @@ def render(
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>deepclust gallery · {html.escape(model_name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Cluster gallery</h1><p class='muted'>model <b>{html.escape(model_name)}</b> · "
-        f"{data.n} images · {len(data.clusters)} clusters used" + (f" of K={k}" if k else "")
+        f"{data.n} images · {len(data.clusters)} clusters used"
+        + (f" of K={k}" if k else "")
         + f" · {errors} errors · folder {html.escape(str(root))}</p>",
     ]
     body: list[str] = []
@@ -238,8 +246,15 @@ def render(
 
 
 def build_gallery(
-    *, rows: Iterable[dict[str, Any]], root: Path, output: Path, model_name: str,
-    class_names: list[str] | None = None, k: int | None = None, examples: int = 8, errors: int = 0,
+    *,
+    rows: Iterable[dict[str, Any]],
+    root: Path,
+    output: Path,
+    model_name: str,
+    class_names: list[str] | None = None,
+    k: int | None = None,
+    examples: int = 8,
+    errors: int = 0,
 ) -> Path:
     """Stream `rows` (labeller output rows), keep only what the page shows, write `output` atomically."""
     data = collect(rows, examples)

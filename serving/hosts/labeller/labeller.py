@@ -220,7 +220,10 @@ class AppendLog:
         if truncate and size != good_end:
             log.warning(
                 "truncating %s from %d to %d bytes (%s: the end of an interrupted write)",
-                self.path, size, good_end, bad,
+                self.path,
+                size,
+                good_end,
+                bad,
             )
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
@@ -387,8 +390,13 @@ class Progress:
                 elapsed = now - self.started
                 rate = self.done / elapsed if elapsed > 0 else 0.0
                 eta = (self.total - self.done) / rate if rate > 0 else None
-                _event("progress", done=self.done, total=self.total, images_per_s=round(rate, 1),
-                       eta_s=None if eta is None else round(eta, 1))
+                _event(
+                    "progress",
+                    done=self.done,
+                    total=self.total,
+                    images_per_s=round(rate, 1),
+                    eta_s=None if eta is None else round(eta, 1),
+                )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -415,7 +423,8 @@ class Labeller:
             raise UsageError(str(exc)) from exc
         self.columns = row_columns(config.top_k)
         rows_path = (
-            config.output.with_name(config.output.name + ".journal.jsonl") if self.format == "parquet"
+            config.output.with_name(config.output.name + ".journal.jsonl")
+            if self.format == "parquet"
             else config.output
         )
         row_codec: Codec = CsvCodec(self.columns) if self.format == "csv" else JsonlCodec(("path", "cluster"))
@@ -432,8 +441,12 @@ class Labeller:
     def fingerprint(self, model_sha256: str) -> dict[str, Any]:
         c = self.config
         return {
-            "model_sha256": model_sha256, "shard": str(c.shard), "top_k": c.top_k, "format": self.format,
-            "columns": self.columns, "root": str(c.root.resolve()),
+            "model_sha256": model_sha256,
+            "shard": str(c.shard),
+            "top_k": c.top_k,
+            "format": self.format,
+            "columns": self.columns,
+            "root": str(c.root.resolve()),
         }
 
     def _check_marker(self, fingerprint: dict[str, Any]) -> None:
@@ -546,12 +559,24 @@ class Labeller:
                 yield rel, self._previous_hash(display)
 
         options = PipelineOptions(
-            batch_size=c.batch_size, workers=c.workers, top_k=c.top_k,
-            limits=DecodeLimits(max_bytes=c.max_bytes, max_pixels=c.max_pixels), worker_nice=c.worker_nice,
+            batch_size=c.batch_size,
+            workers=c.workers,
+            top_k=c.top_k,
+            limits=DecodeLimits(max_bytes=c.max_bytes, max_pixels=c.max_pixels),
+            worker_nice=c.worker_nice,
         )
-        _event("start", root=str(c.root), model=str(self.model_file), provider=engine.provider,
-               output=str(c.output), shard=str(c.shard), files=total, already_done=len(self.state),
-               workers=c.workers, batch_size=c.batch_size)
+        _event(
+            "start",
+            root=str(c.root),
+            model=str(self.model_file),
+            provider=engine.provider,
+            output=str(c.output),
+            shard=str(c.shard),
+            files=total,
+            already_done=len(self.state),
+            workers=c.workers,
+            batch_size=c.batch_size,
+        )
         self._write_marker(fingerprint, summary, complete=False)
         self.rows.open()
         self.errors.open()
@@ -591,8 +616,13 @@ class Labeller:
             from serving.hosts.labeller.gallery import build_gallery
 
             build_gallery(
-                rows=self.rows.recover(), root=c.root, output=c.gallery, model_name=c.model.name,
-                class_names=engine.metadata.class_names, k=engine.k, examples=c.gallery_examples,
+                rows=self.rows.recover(),
+                root=c.root,
+                output=c.gallery,
+                model_name=c.model.name,
+                class_names=engine.metadata.class_names,
+                k=engine.k,
+                examples=c.gallery_examples,
                 errors=summary.errors,
             )
             summary.gallery = str(c.gallery)
@@ -608,8 +638,12 @@ class Labeller:
             self.stale += 1
         if isinstance(item.result, Assignment):
             a = item.result
-            row: dict[str, Any] = {"path": item.path, "cluster": a.cluster, "confidence": round(a.confidence, 6),
-                                   "label": a.label}
+            row: dict[str, Any] = {
+                "path": item.path,
+                "cluster": a.cluster,
+                "confidence": round(a.confidence, 6),
+                "label": a.label,
+            }
             if self.config.top_k:
                 row["top_k"] = [
                     {"cluster": t.cluster, "probability": round(t.probability, 6), "label": t.label}
@@ -636,6 +670,7 @@ class Labeller:
             return 0
         dropped = 0
         for kind, store in (("row", self.rows), ("error", self.errors)):
+
             def keep(index: int, row: dict[str, Any], kind: str = kind) -> bool:
                 entry = self.state.get(row["path"])
                 return entry is not None and entry.kind == kind and entry.index == index
@@ -665,11 +700,19 @@ class Labeller:
 
 def summary_dict(summary: LabelSummary) -> dict[str, Any]:
     return {
-        "images": summary.images, "labelled": summary.labelled, "skipped_unchanged": summary.skipped_unchanged,
-        "errors": summary.errors, "new_errors": summary.new_errors, "errors_by_code": summary.errors_by_code,
-        "clusters": {str(k): v for k, v in summary.clusters.items()}, "seconds": round(summary.seconds, 3),
-        "images_per_s": round(summary.images_per_s, 1), "compacted_rows": summary.compacted_rows,
-        "output": summary.output, "errors_file": summary.errors_file, "gallery": summary.gallery,
+        "images": summary.images,
+        "labelled": summary.labelled,
+        "skipped_unchanged": summary.skipped_unchanged,
+        "errors": summary.errors,
+        "new_errors": summary.new_errors,
+        "errors_by_code": summary.errors_by_code,
+        "clusters": {str(k): v for k, v in summary.clusters.items()},
+        "seconds": round(summary.seconds, 3),
+        "images_per_s": round(summary.images_per_s, 1),
+        "compacted_rows": summary.compacted_rows,
+        "output": summary.output,
+        "errors_file": summary.errors_file,
+        "gallery": summary.gallery,
         "shard": summary.shard,
     }
 
@@ -698,11 +741,15 @@ def write_parquet(journal: Path, output: Path, columns: list[str], row_group: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    top_k_type = pa.list_(
-        pa.struct([("cluster", pa.int32()), ("probability", pa.float64()), ("label", pa.string())])
-    )
-    types = {"path": pa.string(), "cluster": pa.int32(), "confidence": pa.float64(), "label": pa.string(),
-             "top_k": top_k_type, "sha256": pa.string()}
+    top_k_type = pa.list_(pa.struct([("cluster", pa.int32()), ("probability", pa.float64()), ("label", pa.string())]))
+    types = {
+        "path": pa.string(),
+        "cluster": pa.int32(),
+        "confidence": pa.float64(),
+        "label": pa.string(),
+        "top_k": top_k_type,
+        "sha256": pa.string(),
+    }
     schema = pa.schema([(name, types[name]) for name in columns])
     tmp = output.with_name(output.name + ".tmp")
     codec = JsonlCodec(("path", "cluster"))

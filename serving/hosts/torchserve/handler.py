@@ -99,9 +99,7 @@ class DeepclustHandler:
         and,
         for each good image, its (request index, item index). `body_types`: the Content-Type of each body."""
         body_types = body_types or [None] * len(requests)
-        parsed = [
-            self.parse_request(request, kind) for request, kind in zip(requests, body_types, strict=True)
-        ]
+        parsed = [self.parse_request(request, kind) for request, kind in zip(requests, body_types, strict=True)]
         size = self.engine.input_size
         arrays: list[np.ndarray] = []
         where: list[tuple[int, int]] = []
@@ -137,9 +135,7 @@ class DeepclustHandler:
                     if isinstance(value, bytes | bytearray):
                         parsed.items.append(bytes(value))
                     else:
-                        parsed.items.append(
-                            ItemError.of("bad_request", f"form field '{key}' is not an image file")
-                        )
+                        parsed.items.append(ItemError.of("bad_request", f"form field '{key}' is not an image file"))
             if not parsed.items:
                 raise ValueError("the request has no image")
         except ValueError as exc:
