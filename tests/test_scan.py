@@ -24,6 +24,7 @@ from training.methods.scan import (
     select_head,
     selflabel_loss,
 )
+from training.losses.contrastive import entropy_of_mean
 from training.mining import Neighbours, neighbour_agreement, topk_cosine_neighbours
 from training.models.heads import ClusteringModel
 
@@ -76,27 +77,38 @@ def test_head_selection_picks_the_lowest_loss() -> None:
         select_head([])
 
 
-def test_scan_method_keeps_the_lowest_loss_head() -> None:
-    """Per-head losses of an epoch go to `on_epoch_end`, which sets `model.head_index` (what is exported)."""
+def test_scan_method_keeps_the_lowest_validation_loss_head() -> None:
+    """After an epoch, the head with the lowest SCAN loss on the clean views and mined neighbours becomes
+    `model.head_index` (what is exported), whatever the training losses said."""
     config = load_config(TINY)
-    method = SCANClustering(config)
     model = ClusteringModel(torch.nn.Identity(), 6, 3, projection_dim=4, num_cluster_heads=3)
     features = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    neighbours = topk_cosine_neighbours(features.numpy(), 4)
+    method = SCANClustering(config, neighbours)
+    from types import SimpleNamespace
+
     from training.methods.base import Batch
 
     out = method.loss(model, Batch([features, features + 0.01], torch.arange(32), torch.zeros(32)))
-    head_losses = [float(out[f"head{i}"]) for i in range(3)]
-    assert float(out["loss"].detach()) == pytest.approx(sum(head_losses), rel=1e-5)
-
-    from types import SimpleNamespace
-
-    ctx = SimpleNamespace(model=model)  # the one field of MethodContext this hook reads
-    losses = {f"head{i}": head_losses[i] for i in range(3)}
+    assert float(out["loss"].detach()) == pytest.approx(sum(float(out[f"head{i}"]) for i in range(3)), rel=1e-5)
+    ctx = SimpleNamespace(  # the fields of MethodContext this hook reads
+        model=model,
+        device=torch.device("cpu"),
+        train_set=None,
+        predict=lambda dataset: (None, features.numpy(), None),
+    )
+    expected = []
+    with torch.no_grad():
+        for head in model.cluster_heads:
+            p = head(features)
+            pairs = [scan_consistency(p, p[torch.from_numpy(neighbours[:, j])]) for j in range(4)]
+            expected.append(float(torch.stack(pairs).mean()) - 5.0 * float(entropy_of_mean(p)))
+    losses = {f"head{i}": -float(i) for i in range(3)}  # training losses that would pick head 2
     method.on_epoch_end(ctx, 0, losses)  # type: ignore[arg-type]
-    assert model.head_index == int(np.argmin(head_losses)) == losses["head_index"]
+    assert model.head_index == int(np.argmin(expected)) == losses["head_index"]
+    assert [losses[f"val_head{i}"] for i in range(3)] == pytest.approx(expected, abs=1e-4)
 
 
-# ------------------------------------------------------------------------------------------------ mining
 def test_mining_is_exact_against_brute_force() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 16)).astype(np.float32) * rng.uniform(0.1, 10, size=(300, 1)).astype(np.float32)
@@ -165,13 +177,46 @@ def test_collapse_guard_fires_on_a_degenerate_model() -> None:
 
 
 def test_strong_augment_shapes_range_and_cutout() -> None:
+    """The official recipe: 4 ops of 14 per image, Cutout side drawn in [1, 16] px at 32 px (grey fill)."""
     torch.manual_seed(0)
     x = torch.rand(8, 3, 32, 32)
-    out = StrongAugment(64, cutout_fraction=0.5)(x)
+    augment = StrongAugment(64, cutout_fraction=0.5)
+    assert augment.num_ops == 4 and len(augment.ops) == 14
+    out = augment(x)
     assert out.shape == (8, 3, 64, 64) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-    holes = StrongAugment(32, cutout_fraction=0.5).cutout(torch.ones(8, 3, 32, 32))
-    zero_share = (holes == 0).float().mean(dim=(1, 2, 3))
-    assert bool(((zero_share > 0.05) & (zero_share <= 0.25 + 1e-6)).all())
+    holes = StrongAugment(32, cutout_fraction=0.5).cutout(torch.zeros(400, 3, 32, 32))
+    grey_share = (holes == 0.5).float().mean(dim=(1, 2, 3))
+    assert float(grey_share.max()) <= (16 / 32) ** 2 + 1e-6 and float(grey_share.min()) < 0.05  # random side
+    assert float(grey_share.max()) > 0.15  # large holes happen too
+
+
+def test_strong_view_is_the_same_recipe_on_every_path() -> None:
+    """One recipe: the per-image runner and the batched runner are the same module (same ops, same ranges)."""
+    from PIL import Image
+
+    from training.data.views import Strong
+
+    recipe = Strong(16, cutout_fraction=0.5)
+    assert isinstance(recipe.batched(), StrongAugment)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    torch.manual_seed(1)
+    per_image = recipe.per_image()(image)
+    torch.manual_seed(1)
+    batched = recipe.batched()(torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()).float().div(255)[None])
+    assert torch.allclose(per_image, batched[0], atol=1e-6)
+
+
+def test_scan_pairs_include_the_sample_itself() -> None:
+    """Official mining: the partner of a sample is one of its k neighbours or the sample itself."""
+    from training.methods.scan import NeighbourPairs
+
+    neighbours = np.array([[1, 2], [0, 2], [0, 1]])
+    passes = [np.arange(3, dtype=np.float32)[:, None]]
+    pairs = NeighbourPairs(neighbours, np.zeros(3), passes=passes, include_self=True)
+    assert pairs.neighbours.shape == (3, 3) and (pairs.neighbours[:, 0] == np.arange(3)).all()
+    partners = {int(pairs[0][1]) for _ in range(200)}
+    assert partners == {0, 1, 2}
+    assert {int(NeighbourPairs(neighbours, np.zeros(3), passes=passes)[0][1]) for _ in range(200)} == {1, 2}
 
 
 def test_scan_config_defaults_follow_the_paper() -> None:
@@ -197,7 +242,7 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path: Path) -> None:
     assert 0.0 <= metrics["neighbour_agreement"] <= 1.0 and metrics["neighbour_k"] == 5
     scan_log = [json.loads(line) for line in (run / "scan" / "log.jsonl").read_text().splitlines()]
     last = scan_log[-1]
-    assert last["head_index"] == select_head([last[f"head{i}"] for i in range(3)])
+    assert last["head_index"] == select_head([last[f"val_head{i}"] for i in range(3)])  # validation loss, not train
     model, loaded, state = load_checkpoint(run / "scan" / "final.pt")
     assert model.head_index == last["head_index"] and loaded.method.name == "scan"
     assert len(model.cluster_heads) == 3

@@ -21,8 +21,10 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     dataset: str = "cifar10"
     root: str | None = None
-    train_split: Literal["train", "test"] = "train"
-    eval_split: Literal["train", "test"] = "test"
+    train_split: Literal["train", "test", "train+test"] = Field(
+        "train", description="the protocol: what is trained on and what is evaluated (official CC: train+test both)"
+    )
+    eval_split: Literal["train", "test", "train+test"] = "test"
     image_size: int = Field(32, ge=8, le=1024)
     workers: int = Field(2, ge=0)
     subset: int | None = Field(None, ge=2, description="train on a fixed random subset (small configs and tests)")
@@ -91,8 +93,15 @@ class SCANConfig(_Strict):
     )
     pretext_temperature: float = Field(0.1, gt=0)
     pretext_epochs: int = Field(100, ge=1)
-    pretext_lr: float = Field(1e-3, gt=0)
+    pretext_optimizer: Literal["sgd", "adam"] = Field("sgd", description="official: SGD, momentum .9, cosine")
+    pretext_lr: float = Field(0.4, gt=0)
+    pretext_momentum: float = Field(0.9, ge=0, lt=1)
+    pretext_weight_decay: float = Field(1e-4, ge=0)
+    pretext_schedule: Literal["constant", "cosine"] = "cosine"
     neighbours: int = Field(20, ge=1, description="top-k cosine neighbours mined per sample")
+    neighbours_include_self: bool = Field(
+        True, description="official: a sample's partner is drawn from its k neighbours and itself"
+    )
     mine_on: Literal["auto", "backbone", "projection"] = Field(
         "auto", description="auto: backbone features when pretext is skipped, else the SimCLR projection"
     )
@@ -102,11 +111,11 @@ class SCANConfig(_Strict):
     selflabel_epochs: int = Field(50, ge=0, description="0 skips self-labelling")
     selflabel_lr: float = Field(1e-4, gt=0)
     selflabel_threshold: float = Field(0.99, gt=0, lt=1)
-    selflabel_strong_views: list[str] = Field(
-        default_factory=lambda: ["strong0"],
-        description="cached passes used as the strong view (strongI = RandAugment+Cutout, augI = CC augmentation)",
+    strong_passes: list[str] = Field(
+        default_factory=lambda: ["strong0", "strong1"],
+        description="cached features only: passes of the strong view (strongI) for clustering and self-labelling",
     )
-    cutout_fraction: float = Field(0.5, ge=0, le=1, description="Cutout square side as a fraction of the image")
+    cutout_fraction: float = Field(0.5, ge=0, le=1, description="largest Cutout side, as a fraction of the image")
     collapse_share: float = Field(
         0.5, gt=0, le=1, description="self-labelling stops when one cluster takes more than this share of samples"
     )

@@ -167,7 +167,12 @@ class Trainer:
         self.batch_views = [r.batched().to(self.device) for r in stage_method.views()] if self.device_augment else []
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = stage.lr if stage else (self.config.optim.lr or 1e-3)  # no stage: nothing trains with it
-        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=self.config.optim.weight_decay)
+        decay = stage.weight_decay if stage and stage.weight_decay is not None else self.config.optim.weight_decay
+        self.schedule = (stage.schedule if stage else None) or self.config.optim.schedule
+        if stage is not None and stage.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=stage.momentum, weight_decay=decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=decay)
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
@@ -202,7 +207,7 @@ class Trainer:
         warmup = o.warmup_epochs * self.steps_per_epoch
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if o.schedule == "cosine":
+        if self.schedule == "cosine":
             total = max(self.epochs * self.steps_per_epoch - warmup, 1)
             return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total) / total))
         return 1.0

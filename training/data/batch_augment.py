@@ -97,36 +97,108 @@ class BatchAugment(nn.Module):
         return self.grayscale(self.jitter(self.crop_and_flip(x.float())))
 
 
+def _scan_ops() -> list[tuple[str, float, float]]:
+    """SCAN's official strong-augmentation list (14 ops, each with its magnitude range; wvangansbeke/
+    Unsupervised-Classification, data/augment.py): a magnitude is drawn uniformly in the range each time."""
+    return [
+        ("identity", 0, 1),
+        ("autocontrast", 0, 1),
+        ("equalize", 0, 1),
+        ("rotate", -30, 30),
+        ("solarize", 0, 256),
+        ("color", 0.05, 0.95),
+        ("contrast", 0.05, 0.95),
+        ("brightness", 0.05, 0.95),
+        ("sharpness", 0.05, 0.95),
+        ("shear_x", -0.1, 0.1),
+        ("translate_x", -0.1, 0.1),
+        ("translate_y", -0.1, 0.1),
+        ("posterize", 4, 8),
+        ("shear_y", -0.1, 0.1),
+    ]
+
+
+def _apply_op(image: torch.Tensor, name: str, value: float) -> torch.Tensor:
+    """One op on a uint8 [3, H, W] image, with PIL's semantics (enhance factors, shear as an affine coefficient,
+    translation as a fraction of the side, black fill)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    side_h, side_w = image.shape[-2:]
+    if name == "identity":
+        return image
+    if name == "autocontrast":
+        return TF.autocontrast(image)
+    if name == "equalize":
+        return TF.equalize(image)
+    if name == "rotate":
+        return TF.rotate(image, value)
+    if name == "solarize":
+        return TF.solarize(image, min(value, 255.0))
+    if name == "color":
+        return TF.adjust_saturation(image, value)
+    if name == "contrast":
+        return TF.adjust_contrast(image, value)
+    if name == "brightness":
+        return TF.adjust_brightness(image, value)
+    if name == "sharpness":
+        return TF.adjust_sharpness(image, value)
+    if name == "posterize":
+        return TF.posterize(image, int(value))
+    if name in ("shear_x", "shear_y"):
+        angle = math.degrees(math.atan(value))
+        shear = [angle, 0.0] if name == "shear_x" else [0.0, angle]
+        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear)
+    if name in ("translate_x", "translate_y"):
+        shift = [round(value * side_w), 0] if name == "translate_x" else [0, round(value * side_h)]
+        return TF.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0])
+    raise ValueError(f"unknown op {name!r}")
+
+
 class StrongAugment(nn.Module):
-    """SCAN's strong view on a batch (see `training.data.views.Strong`): per-sample flip + RandAugment on uint8 at the
-    input resolution, batched Cutout, then a bicubic resize to `size`."""
+    """SCAN's strong view on a batch (see `training.data.views.Strong`), as the official code: horizontal flip,
+    `num_ops` ops drawn with replacement from `_scan_ops` each at a uniformly drawn magnitude (per image, on uint8 at
+    the input resolution), Cutout of one square whose side is drawn in [1, cutout_fraction x side] (official: 1..16 px
+    at 32 px) with its centre anywhere, then a bicubic resize to `size`.
 
-    def __init__(self, size: int, cutout_fraction: float = 0.5, num_ops: int = 2, magnitude: int = 10) -> None:
+    Cutout fills with 0.5 (mid-grey): the official code zeroes *normalised* pixels, i.e. fills with the mean colour;
+    mid-grey is the normalisation mean of the EfficientNet-Lite backbones.
+    """
+
+    def __init__(self, size: int, cutout_fraction: float = 0.5, num_ops: int = 4) -> None:
         super().__init__()
-        from torchvision.transforms import v2 as T
-
         self.size = size
         self.cutout_fraction = cutout_fraction
-        self.sample_ops = T.Compose([T.RandomHorizontalFlip(), T.RandAugment(num_ops=num_ops, magnitude=magnitude)])
+        self.num_ops = num_ops
+        self.ops = _scan_ops()
+
+    def augment_one(self, image: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) < 0.5:
+            image = image.flip(-1)
+        for choice in torch.randint(len(self.ops), (self.num_ops,)).tolist():
+            name, low, high = self.ops[choice]
+            image = _apply_op(image, name, low + float(torch.rand(())) * (high - low))
+        return image
 
     def cutout(self, x: torch.Tensor) -> torch.Tensor:
-        """One zeroed square per image, side `cutout_fraction` of the image, centre anywhere (may be clipped)."""
+        """One filled square per image, side uniform in [1, cutout_fraction x side], centre anywhere (clipped)."""
         n, _, h, w = x.shape
-        side_h, side_w = max(int(round(h * self.cutout_fraction)), 0), max(int(round(w * self.cutout_fraction)), 0)
-        if side_h == 0 or side_w == 0:
+        longest = int(round(min(h, w) * self.cutout_fraction))
+        if longest < 1:
             return x
+        side = torch.randint(1, longest + 1, (n, 1, 1), device=x.device)
         cy = torch.randint(0, h, (n, 1, 1), device=x.device)
         cx = torch.randint(0, w, (n, 1, 1), device=x.device)
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
-        hole = ((rows - cy).abs() * 2 < side_h) & ((cols - cx).abs() * 2 < side_w)
-        return x.masked_fill(hole.unsqueeze(1), 0.0)
+        half = side // 2
+        hole = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
+        return x.masked_fill(hole.unsqueeze(1), 0.5)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: float [N, 3, H, W] in [0, 1] -> strong view [N, 3, size, size] in [0, 1]."""
         as_uint8 = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        out = torch.stack([self.sample_ops(image) for image in as_uint8.cpu()]).to(x.device).float() / 255.0
+        out = torch.stack([self.augment_one(image) for image in as_uint8.cpu()]).to(x.device).float() / 255.0
         out = self.cutout(out)
         if out.shape[-1] != self.size or out.shape[-2] != self.size:
             out = F.interpolate(out, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)

@@ -153,11 +153,33 @@ def available_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
+class JoinedDataset(ImageDataset):
+    """Several datasets as one, in order (official CC trains and evaluates on CIFAR-10 train + test)."""
+
+    def __init__(self, parts: list[ImageDataset]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0, *(len(p) for p in parts)])
+        self.labels = np.concatenate([p.labels for p in parts])
+        self.class_names = parts[0].class_names
+        self.mode = parts[0].mode
+        self.fingerprint = "+".join(p.fingerprint for p in parts)
+
+    def load(self, index: int) -> Image.Image:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part].load(index - int(self.offsets[part]))
+
+
+SPLITS = ("train", "test", "train+test")
+
+
 def create_dataset(name: str, split: str = "train", root: str | Path | None = None) -> ImageDataset:
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
-    if split not in {"train", "test"}:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "train+test":
+        train, test = (_DATASETS[name](split=part, root=root) for part in ("train", "test"))
+        return train if train.fingerprint == test.fingerprint else JoinedDataset([train, test])  # a folder: one set
     return _DATASETS[name](split=split, root=root)
 
 

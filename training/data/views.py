@@ -119,8 +119,9 @@ class CropJitter(Recipe):
 
 @dataclass(frozen=True)
 class Strong(Recipe):
-    """SCAN's strong view: flip, RandAugment (`num_ops` ops at `magnitude`), then Cutout (one zeroed square of side
-    `cutout_fraction` of the image, centre anywhere), then a bicubic resize to `size`.
+    """SCAN's strong view as in its official code: flip, `num_ops` of 14 RandAugment-style ops at random magnitudes,
+    Cutout of a square of random side up to `cutout_fraction` of the image, then a bicubic resize to `size`
+    (`training.data.batch_augment.StrongAugment`).
 
     The ops run at the resolution the image arrives in (its own on the loader path and in cached passes; the clean
     view's on the device path), so RandAugment costs little on small images.
@@ -128,9 +129,8 @@ class Strong(Recipe):
 
     size: int
     cutout_fraction: float = 0.5
-    num_ops: int = 2
-    magnitude: int = 10
-    kind = "strong"
+    num_ops: int = 4
+    kind = "scan_strong"
 
     def per_image(self) -> Transform:
         module = self.batched()
@@ -145,7 +145,7 @@ class Strong(Recipe):
     def batched(self) -> nn.Module:
         from training.data.batch_augment import StrongAugment
 
-        return StrongAugment(self.size, self.cutout_fraction, self.num_ops, self.magnitude)
+        return StrongAugment(self.size, self.cutout_fraction, self.num_ops)
 
 
 class _Resize(nn.Module):

@@ -130,6 +130,10 @@ class Stage:
     method: Method
     epochs: int
     lr: float
+    optimizer: str = "adam"  # "adam" or "sgd" (SCAN's official pretext)
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: optim.weight_decay
+    schedule: str | None = None  # None: optim.schedule
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from training.data.views import CropJitter, Recipe, Strong, cached_view_names
+from training.data.views import Clean, Recipe, Strong
 from training.losses.contrastive import entropy_of_mean, nt_xent
 from training.methods.base import Batch, Method, MethodContext, Stage, StepStage, StopStage, register_method
 from training.mining import NEIGHBOURS_FILE, Neighbours, mine
@@ -141,7 +141,8 @@ class NeighbourPairs(Dataset):
     """Item i -> (view of sample i, view of a random one of its mined neighbours, label, i).
 
     `passes` given: views are rows of cached feature passes (a random pass per side). Otherwise `base` is an image
-    dataset and `transforms[0]` / `transforms[1]` make the anchor's and the neighbour's view.
+    dataset and `transforms[0]` / `transforms[1]` make the anchor's and the neighbour's view. `include_self`: the
+    partner is drawn among the neighbours and the sample itself (two augmentations of one image), as officially.
     """
 
     def __init__(
@@ -152,8 +153,12 @@ class NeighbourPairs(Dataset):
         passes: Sequence[np.ndarray] | None = None,
         base: Dataset | None = None,
         transforms: Sequence[Callable[..., torch.Tensor]] = (),
+        include_self: bool = False,
     ) -> None:
-        self.neighbours = np.asarray(neighbours)
+        neighbours = np.asarray(neighbours)
+        if include_self:  # official SCAN: the partner is drawn among the k neighbours *and* the sample itself
+            neighbours = np.concatenate([np.arange(len(neighbours))[:, None], neighbours], axis=1)
+        self.neighbours = neighbours
         self.labels = np.asarray(labels)
         self.passes = [torch.from_numpy(p) for p in passes] if passes is not None else None
         self.base, self.transforms = base, list(transforms)
@@ -216,8 +221,15 @@ class SimCLRPretext(Method):
         return {"loss": loss}
 
 
+def strong_view(config: TrainConfig) -> Strong:
+    """SCAN's one strong-augmentation recipe (clustering and self-labelling), on every data path."""
+    return Strong(config.data.image_size, config.method.cutout_fraction)  # type: ignore[union-attr]
+
+
 class SCANClustering(Method):
-    """SCAN loss on (sample, neighbour) pairs for every cluster head; keeps the lowest-loss head."""
+    """SCAN loss on (sample, neighbour) pairs under the strong view for every cluster head; after each epoch the
+    head with the lowest SCAN loss on a validation pass (clean views of the training set and their mined neighbours,
+    no gradient) becomes `model.head_index` (official: the lowest loss on its validation split's neighbours)."""
 
     name = "scan/scan"
 
@@ -225,14 +237,21 @@ class SCANClustering(Method):
         super().__init__(config)
         self.neighbours = neighbours
 
+    def views(self) -> list[Recipe]:
+        strong = strong_view(self.config)
+        return [strong, strong]
+
     def train_data(self, ctx: MethodContext) -> Dataset:
         if self.neighbours is None:
             raise ValueError("SCAN needs mined neighbours (the mine stage runs first)")
+        include_self = self.config.method.neighbours_include_self  # type: ignore[union-attr]
         if ctx.cached:
-            passes = ctx.passes(ctx.train_set, cached_view_names(self.config.model.feature_views))
-            return NeighbourPairs(self.neighbours, ctx.train_labels, passes=passes)
+            names = self.config.method.strong_passes  # type: ignore[union-attr]
+            passes = ctx.passes(ctx.train_set, names, strong_view(self.config))
+            return NeighbourPairs(self.neighbours, ctx.train_labels, passes=passes, include_self=include_self)
+        transforms = ctx.transforms(self.views())
         return NeighbourPairs(
-            self.neighbours, ctx.train_labels, base=ctx.train_set, transforms=ctx.transforms(self.views())
+            self.neighbours, ctx.train_labels, base=ctx.train_set, transforms=transforms, include_self=include_self
         )
 
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
@@ -251,9 +270,26 @@ class SCANClustering(Method):
         out["loss"] = total
         return out
 
+    @torch.inference_mode()
+    def validation_losses(self, ctx: MethodContext) -> list[float]:
+        """SCAN loss of every head on clean views: each training sample against each of its mined neighbours."""
+        assert self.neighbours is not None
+        _, features, _ = ctx.predict(ctx.train_set)
+        embedding = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(ctx.device)
+        neighbours = torch.from_numpy(self.neighbours).to(ctx.device)
+        weight = self.config.method.entropy_weight  # type: ignore[union-attr]
+        ctx.model.eval()
+        losses = []
+        for head in ctx.model.cluster_heads:
+            p = torch.cat([head(chunk).float() for chunk in embedding.split(4096)])
+            consistency = torch.stack([scan_consistency(p, p[neighbours[:, j]]) for j in range(neighbours.shape[1])])
+            losses.append(float(consistency.mean() - weight * entropy_of_mean(p)))
+        return losses
+
     def on_epoch_end(self, ctx: MethodContext, epoch: int, losses: dict[str, float]) -> None:
-        head_losses = [losses[f"head{i}"] for i in range(len(ctx.model.cluster_heads))]
+        head_losses = self.validation_losses(ctx)
         ctx.model.head_index = select_head(head_losses)
+        losses.update({f"val_head{i}": round(v, 5) for i, v in enumerate(head_losses)})
         losses["head_index"] = ctx.model.head_index
 
 
@@ -267,20 +303,16 @@ class SelfLabel(Method):
         self._assignments: list[torch.Tensor] = []
         self._checked_start = False
 
-    def strong(self) -> Strong:
-        return Strong(self.config.data.image_size, self.config.method.cutout_fraction)  # type: ignore[union-attr]
-
     def views(self) -> list[Recipe]:
-        """Weak: a mild crop (0.6-1) and flip; strong: RandAugment + Cutout."""
-        weak = CropJitter(self.config.data.image_size, self.config.data.augment_strength, 0.6, 0.0, 0.0)
-        return [weak, self.strong()]
+        """Weak: the plain evaluation view (official); strong: SCAN's strong augmentation."""
+        return [Clean(self.config.data.image_size), strong_view(self.config)]
 
     def train_data(self, ctx: MethodContext) -> Dataset | None:
         if not ctx.cached:
             return None  # the trainer's views of `views()` on the configured path
-        names = self.config.method.selflabel_strong_views  # type: ignore[union-attr]
+        names = self.config.method.strong_passes  # type: ignore[union-attr]
         weak = ctx.passes(ctx.train_set, ["clean"])
-        return WeakStrongPasses(weak, ctx.passes(ctx.train_set, names, self.strong()), ctx.train_labels)
+        return WeakStrongPasses(weak, ctx.passes(ctx.train_set, names, strong_view(self.config)), ctx.train_labels)
 
     def loss(self, model: ClusteringModel, batch: Batch) -> dict[str, torch.Tensor]:
         threshold = self.config.method.selflabel_threshold  # type: ignore[union-attr]
@@ -322,7 +354,18 @@ class SCAN(Method):
         s = self.settings
         stages: list[Stage | StepStage] = []
         if self.pretext:
-            stages.append(Stage("pretext", SimCLRPretext(self.config), s.pretext_epochs, s.pretext_lr))
+            stages.append(
+                Stage(
+                    "pretext",
+                    SimCLRPretext(self.config),
+                    s.pretext_epochs,
+                    s.pretext_lr,
+                    optimizer=s.pretext_optimizer,
+                    momentum=s.pretext_momentum,
+                    weight_decay=s.pretext_weight_decay,
+                    schedule=s.pretext_schedule,
+                )
+            )
         stages.append(StepStage("mine", NEIGHBOURS_FILE, self.mine, self.load_neighbours))
         stages.append(Stage("scan", self.clustering, s.scan_epochs, s.scan_lr))
         if s.selflabel_epochs > 0:
