@@ -89,7 +89,7 @@ def _method_row(experiment: Experiment, config: Any, metrics: dict[str, Any], se
         "train_split": config.data.train_split,
         "split": config.data.eval_split,
         "method": experiment.method,
-        "backbone": config.model.backbone + ("-frozen" if config.model.freeze_backbone else ""),
+        "backbone": config.model.backbone_name + ("-frozen" if config.model.freeze_backbone else ""),
         "acc": round(float(metrics["acc"]), 4),
         "nmi": round(float(metrics["nmi"]), 4),
         "ari": round(float(metrics["ari"]), 4),
@@ -170,7 +170,7 @@ def kmeans_row(suite: str, seed: int) -> dict[str, Any]:
         x_test = trainer.cached_passes(trainer.eval_set, ["clean"])[0]
         x_train = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
         x_test = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
-        y_test, backbone, dataset = trainer.eval_set.labels, config.model.backbone + "-frozen", "cifar10"
+        y_test, backbone, dataset = trainer.eval_set.labels, config.model.backbone_name + "-frozen", "cifar10"
     model = KMeans(n_clusters=10, n_init=10, random_state=seed).fit(x_train)
     report = evaluate_clustering(y_test, model.predict(x_test))
     return {

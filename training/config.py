@@ -37,7 +37,9 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    backbone: str = "resnet18"
+    backbone: str | list[str] = Field(
+        "resnet18", description="a backbone name, or several frozen ones as one model (each space L2-normalised)"
+    )
     stem: Literal["cifar", "imagenet"] = "cifar"
     pretrained: bool = True
     freeze_backbone: bool = False
@@ -52,8 +54,15 @@ class ModelConfig(_Strict):
         False, description="torchrun on GPUs: SyncBatchNorm in the backbone (BN statistics over the global batch)"
     )
 
+    @property
+    def backbone_name(self) -> str:
+        """One string for logs, metadata and results rows ("a+b" for several spaces)."""
+        return self.backbone if isinstance(self.backbone, str) else "+".join(self.backbone)
+
     @model_validator(mode="after")
     def _cached_needs_frozen(self) -> ModelConfig:
+        if isinstance(self.backbone, list) and len(self.backbone) > 1 and not self.freeze_backbone:
+            raise ValueError("several backbones are supported as frozen feature spaces only (freeze_backbone=true)")
         if self.cached_features and (not self.freeze_backbone or self.trainable_blocks):
             raise ValueError("cached_features needs freeze_backbone=true and trainable_blocks=0")
         return self
@@ -145,7 +154,22 @@ class CCESConfig(_Strict):
     beta_alpha: float = Field(0.1, gt=0, description="Beta(alpha, alpha) of the crop centre inside the box")
 
 
-MethodConfig = Annotated[CCConfig | CCESConfig | SCANConfig, Field(discriminator="name")]
+class TurtleConfig(_Strict):
+    """TURTLE (Gadetsky, Jiang, Brbic, ICML 2024) on cached frozen features: a task encoder (one weight-normed linear
+    map per space) trained so that per-space linear classifiers, fitted for `inner_steps` steps on its labels, fit them
+    well, with entropy weight `gamma`. Outer steps are the trainer's: Adam at `optim.lr` on batches of
+    `optim.batch_size` (official: 1e-3, 10,000). Defaults are the official run_turtle.py settings except
+    `preprocess` (official: none; here each space standardised per dimension, see the README)."""
+
+    name: Literal["turtle"] = "turtle"
+    gamma: float = Field(10.0, ge=0, description="entropy regulariser weight")
+    inner_steps: int = Field(10, ge=1, description="M: inner Adam steps of the per-space classifiers")
+    inner_lr: float = Field(1e-3, gt=0)
+    preprocess: Literal["none", "l2", "standardise"] = "standardise"
+    combine: Literal["mean_probs", "sum_logits"] = Field("mean_probs", description="official: mean of space softmaxes")
+
+
+MethodConfig = Annotated[CCConfig | CCESConfig | SCANConfig | TurtleConfig, Field(discriminator="name")]
 
 
 class RunConfig(_Strict):

@@ -523,7 +523,7 @@ def _facts(
         method=config.method.name,
         k=config.model.k,
         input_size=config.data.image_size,
-        backbone=config.model.backbone,
+        backbone=config.model.backbone_name,
         class_names=class_names,
         metrics=metrics,
         reference=reference,

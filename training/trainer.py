@@ -42,8 +42,17 @@ from training.data.views import (
     named_pass,
 )
 from training.features import frozen_pass
-from training.methods.base import Batch, Method, MethodContext, Stage, StepStage, StopStage, create_method
-from training.models.backbones import create_backbone, freeze
+from training.methods.base import (
+    Batch,
+    Method,
+    MethodContext,
+    Stage,
+    StepStage,
+    StopStage,
+    create_method,
+    method_class,
+)
+from training.models.backbones import MultiSpace, create_backbones, freeze
 from training.models.heads import ClusteringModel
 
 log = logging.getLogger("deepclust.train")
@@ -67,9 +76,10 @@ def seed_everything(seed: int) -> None:
 
 def build_model(config: TrainConfig) -> ClusteringModel:
     m = config.model
-    backbone = create_backbone(m.backbone, pretrained=m.pretrained, stem=m.stem)
+    backbone = create_backbones(m.backbone, pretrained=m.pretrained, stem=m.stem)
     if m.freeze_backbone:
         freeze(backbone, m.trainable_blocks)
+    dims = backbone.dims if isinstance(backbone, MultiSpace) else [backbone.feature_dim]
     return ClusteringModel(
         backbone,
         backbone.feature_dim,
@@ -77,6 +87,7 @@ def build_model(config: TrainConfig) -> ClusteringModel:
         projection_dim=m.projection_dim,
         num_cluster_heads=m.num_cluster_heads,
         hidden_dim=m.hidden_dim,
+        cluster_head=method_class(config.method.name).cluster_head(config, dims),
     )
 
 
@@ -213,23 +224,32 @@ class Trainer:
         return 1.0
 
     def cached_passes(self, dataset: Dataset, names: Sequence[str], strong: Strong | None = None) -> list[np.ndarray]:
-        """Named frozen-backbone feature passes of `dataset` ("clean", "augI", "strongI"; see `training.data.views`)."""
+        """Named frozen-backbone feature passes of `dataset` ("clean", "augI", "strongI"; see `training.data.views`).
+        With several backbones each space is cached on its own (shared by every combination) and combined here."""
         base, index = base_and_index(dataset)
         d, m = self.config.data, self.config.model
+        backbone = self.model.backbone
+        parts = list(zip(backbone.names, backbone.parts, strict=True)) if isinstance(backbone, MultiSpace) else None
         augment = data_augmentation(d)
         out = []
         for name in names:
             recipe, seed = named_pass(name, d.image_size, augment, strong)
-            full = frozen_pass(
-                m.backbone,
-                base,
-                recipe,
-                seed,
-                pretrained=m.pretrained,
-                backbone=self.model.backbone,
-                workers=d.workers,
-                device=self.device,
-            )
+
+            spaces = parts or [(m.backbone if isinstance(m.backbone, str) else m.backbone[0], backbone)]
+            features = [
+                frozen_pass(
+                    space,
+                    base,
+                    recipe,
+                    seed,
+                    pretrained=m.pretrained,
+                    backbone=module,
+                    workers=d.workers,
+                    device=self.device,
+                )  # fmt: skip
+                for space, module in spaces
+            ]
+            full = features[0] if parts is None else MultiSpace.combine([torch.from_numpy(f) for f in features]).numpy()
             out.append(full if index is None else full[index])
         return out
 

@@ -4,4 +4,5 @@ from training.methods import (
     cc,  # noqa: F401
     cces,  # noqa: F401
     scan,  # noqa: F401
+    turtle,  # noqa: F401
 )

@@ -79,6 +79,11 @@ class Method:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
 
+    @classmethod
+    def cluster_head(cls, config: TrainConfig, dims: list[int]) -> Callable[[], torch.nn.Module] | None:
+        """A factory for this method's own cluster head over feature spaces of `dims` (None: the MLP head)."""
+        return None
+
     # ------------------------------------------------------------------ what to train on
     def stages(self) -> list[Stage | StepStage]:
         """The method's stages in order; one training stage (the method itself, `optim.epochs`) by default."""
@@ -166,6 +171,14 @@ def available_methods() -> list[str]:
     import training.methods  # noqa: F401 - registers the built-in methods
 
     return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    import training.methods  # noqa: F401 - registers the built-in methods
+
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {available_methods()}")
+    return _METHODS[name]  # type: ignore[return-value]
 
 
 def create_method(config: TrainConfig) -> Method:

@@ -268,3 +268,45 @@ def freeze(backbone: Backbone, trainable_blocks: int = 0) -> None:
     for module in [*list(model.blocks)[-trainable_blocks:], model.conv_head, model.bn2]:
         for p in module.parameters():
             p.requires_grad_(True)
+
+
+class MultiSpace(nn.Module):
+    """Several frozen backbones as one: each space's pooled features are L2-normalised, then concatenated.
+
+    Normalising each space gives every space the same weight in cosine neighbours and in the heads, whatever its
+    feature scale; `combine` is the one place that does it, so cached passes (per space, cached separately and reused
+    by every combination) and the exported graph compute the same numbers.
+    """
+
+    def __init__(self, names: list[str], parts: list[Backbone]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.parts = nn.ModuleList(parts)
+        self.dims = [p.feature_dim for p in parts]
+        self.feature_dim = sum(self.dims)
+
+    @staticmethod
+    def combine(features: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.normalize(f.float(), dim=1) for f in features], dim=1)
+
+    def split(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return list(features.split(self.dims, dim=1))
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        raise ValueError("heat maps (ContrastiveCrop) need a single backbone")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.combine([part(images) for part in self.parts])
+
+
+def create_backbones(names: str | list[str], **kwargs: object) -> Backbone | MultiSpace:
+    """One backbone by name, or several as one `MultiSpace` (a list of two or more names)."""
+    if isinstance(names, str):
+        return create_backbone(names, **kwargs)
+    if len(names) == 1:
+        return create_backbone(names[0], **kwargs)
+    return MultiSpace(names, [create_backbone(name, **kwargs) for name in names])
+
+
+def space_names(names: str | list[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)

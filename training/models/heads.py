@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,13 +52,15 @@ class ClusteringModel(nn.Module):
         projection_dim: int = 128,
         num_cluster_heads: int = 1,
         hidden_dim: int | None = None,
+        cluster_head: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.k = k
         self.instance_head = InstanceProjector(feature_dim, projection_dim, hidden_dim)
-        self.cluster_heads = nn.ModuleList(ClusterHead(feature_dim, k, hidden_dim) for _ in range(num_cluster_heads))
+        make = cluster_head or (lambda: ClusterHead(feature_dim, k, hidden_dim))  # a method may bring its own head
+        self.cluster_heads = nn.ModuleList(make() for _ in range(num_cluster_heads))
         self.head_index = 0
 
     @property
