@@ -13,6 +13,7 @@ import torch
 
 from training.config import SCANConfig, load_config
 from training.data.batch_augment import StrongAugment
+from training.losses.contrastive import entropy_of_mean
 from training.methods.scan import (
     CollapseError,
     SCANClustering,
@@ -24,7 +25,6 @@ from training.methods.scan import (
     select_head,
     selflabel_loss,
 )
-from training.losses.contrastive import entropy_of_mean
 from training.mining import Neighbours, neighbour_agreement, topk_cosine_neighbours
 from training.models.heads import ClusteringModel
 

@@ -18,7 +18,7 @@ def command(
 ) -> None:
     """Evaluate a checkpoint with the serving pre-processing."""
     from deepclust.logs import configure_logging
-    from training.cli_support import run_evaluate
+    from training.run import evaluate as run_evaluate
 
     configure_logging()
     try:

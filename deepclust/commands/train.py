@@ -29,7 +29,7 @@ def command(
 ) -> None:
     """Train; re-running the same command resumes from the run directory's last checkpoint."""
     from deepclust.logs import configure_logging
-    from training.cli_support import run_train
+    from training.run import train as run_train
 
     configure_logging()
     extra = list(overrides or [])
