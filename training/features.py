@@ -104,6 +104,15 @@ def embed(
     return out
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, in order (names a backbone that no registry entry names)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def native_size(dataset: ImageDataset) -> int:
     """Side of the first image: strong views run their ops at the images' own resolution (others are resized to it)."""
     return int(np.asarray(dataset[0][0]).shape[0])
@@ -130,6 +139,8 @@ def frozen_pass(
 
     input_size = native_size(dataset) if isinstance(recipe, Strong) else recipe.size  # type: ignore[attr-defined]
     key = feature_key(backbone_name, pretrained, dataset, recipe, seed, input_size)
+    if not pretrained and backbone is not None:  # randomly initialised weights: the key must name these weights
+        key["weights"] = weights_digest(backbone)
 
     def compute() -> np.ndarray:
         model = backbone if backbone is not None else create_backbone(backbone_name, pretrained=pretrained)
