@@ -58,7 +58,7 @@ def test_turtle_trains_a_task_encoder_head_that_clusters(turtle_run: Trainer) ->
 
 
 def test_turtle_two_space_model_exports_with_parity(turtle_run: Trainer, tmp_path: Path) -> None:
-    """Both backbones and the task encoder (with its pre-processing) are in the ONNX graph; probabilities match torch."""
+    """Both backbones and the task encoder (with its pre-processing) are in the graph; probabilities match torch."""
     from training.export import export_checkpoint
 
     store = tmp_path / "store"
