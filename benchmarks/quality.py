@@ -72,6 +72,14 @@ SUITES: dict[str, dict[str, Experiment]] = {
         **_cces_ablations("fashion_mnist_cces.yaml"),
         **_scan_rows("fashion_mnist_scan.yaml"),
     },
+    "cifar10_spaces": {  # the wheel-shipped spaces as one model (`benchmarks/spaces.py` gives their ceilings)
+        "turtle": Experiment("turtle", "cifar10_spaces_turtle.yaml"),
+        **{
+            f"turtle-{b}": Experiment("turtle", "cifar10_spaces_turtle.yaml", (f"model.backbone={b}",))
+            for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")
+        },
+        **_scan_rows("cifar10_spaces_scan.yaml"),
+    },
     "cifar10_lite0": {
         "cc": Experiment("cc", "cifar10_lite0_cc.yaml"),
         **_cces_ablations("cifar10_lite0_cces.yaml"),
@@ -109,7 +117,8 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
     stage = experiment.extra.get("stage")
     # The config's stem keeps suites apart (both have a "cc" entry); a staged method's rows share one run.
     suffix = "" if stage else f"-{experiment.method.replace('/', '_')}"
-    name = f"{Path(experiment.config).stem}{suffix}-seed{seed}"
+    space = load_config(CONFIGS / experiment.config, list(experiment.overrides)).model.backbone_name
+    name = f"{Path(experiment.config).stem}{suffix}-{space}-seed{seed}"
     overrides = [f"run.out_dir={out_dir}", f"run.name={name}", f"run.seed={seed}", *experiment.overrides]
     config = load_config(CONFIGS / experiment.config, overrides)
     started = time.perf_counter()

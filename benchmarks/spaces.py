@@ -1,0 +1,114 @@
+"""What the frozen feature spaces we can ship hold: a supervised linear probe (the ceiling of any head on them) and
+k-means, per space and for their concatenation, with the one-off extraction time of each space.
+
+    python benchmarks/spaces.py --spaces effnet_lite0 effnet_lite1 effnet_lite2
+
+Protocol: features of CIFAR-10 at 160 px (serving pre-processing), fit on the train split, scored on the test split.
+The probe uses labels (it is the ceiling, not a clustering method); k-means does not. Rows go to
+`benchmarks/results/quality.json` (`method` = linear-probe | kmeans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+
+BASE_CONFIG = ROOT / "configs" / "cifar10_spaces_turtle.yaml"
+
+
+def features(spaces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """(train features, train labels, test features, test labels, seconds) of the clean pass of `spaces` (cached)."""
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    config = load_config(BASE_CONFIG, [f"model.backbone={json.dumps(spaces)}", "run.out_dir=/tmp/deepclust-spaces"])
+    trainer = Trainer(config)
+    started = time.perf_counter()
+    x_train = trainer.cached_passes(trainer.train_set, ["clean"])[0]
+    x_test = trainer.cached_passes(trainer.eval_set, ["clean"])[0]
+    seconds = time.perf_counter() - started
+    return x_train, trainer.train_set.labels, x_test, trainer.eval_set.labels, seconds  # type: ignore[attr-defined]
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Multinomial logistic regression (L-BFGS, C = 1) on standardised features: test accuracy."""
+    import torch
+
+    from training.losses.turtle import logistic_regression
+
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    weight, bias = logistic_regression(
+        torch.from_numpy((x_train - mean) / std), torch.from_numpy(y_train), int(y_train.max()) + 1, max_iter=500
+    )
+    logits = torch.from_numpy((x_test - mean) / std).float() @ weight.t() + bias
+    return float((logits.argmax(1).numpy() == y_test).mean())
+
+
+def kmeans(x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> dict[str, float]:
+    from sklearn.cluster import KMeans
+
+    from serving.core.quality import evaluate_clustering
+
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    model = KMeans(n_clusters=10, n_init=10, random_state=seed).fit(norm(x_train))
+    report = evaluate_clustering(y_test, model.predict(norm(x_test)))
+    return {"acc": round(report.acc, 4), "nmi": round(report.nmi, 4), "ari": round(report.ari, 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spaces", nargs="+", default=["effnet_lite0", "effnet_lite1", "effnet_lite2"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = "python benchmarks/spaces.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    combos = [[s] for s in args.spaces] + ([args.spaces] if len(args.spaces) > 1 else [])
+    rows: list[dict[str, Any]] = []
+    for combo in combos:
+        x_train, y_train, x_test, y_test, seconds = features(combo)
+        common = {
+            "dataset": "cifar10",
+            "train_split": "train",
+            "split": "test",
+            "backbone": "+".join(combo) + "-frozen",
+            "seed": args.seed,
+            "config": BASE_CONFIG.name,
+            "overrides": [f"model.backbone={combo}"],
+            **provenance(),
+            "command": command,
+        }
+        started = time.perf_counter()
+        probe = linear_probe(x_train, y_train, x_test, y_test)
+        rows.append(
+            {
+                **common,
+                "method": "linear-probe",
+                "acc": round(probe, 4),
+                "seconds": round(time.perf_counter() - started, 1),
+                "extra": {"supervised": True, "extract_seconds_this_run": round(seconds, 1), "dim": x_train.shape[1]},
+            }
+        )
+        started = time.perf_counter()
+        scores = kmeans(x_train, x_test, y_test, args.seed)
+        rows.append({**common, "method": "kmeans", **scores, "seconds": round(time.perf_counter() - started, 1)})
+        write_rows("quality", rows[-2:], merge_on=("dataset", "method", "backbone", "seed"))
+        for row in rows[-2:]:
+            print(json.dumps(row), flush=True)
+    print_table(rows, ["backbone", "method", "acc", "nmi", "ari", "seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
