@@ -3,6 +3,10 @@
 - every TCP port the JVM (and its workers) listens on is loopback, and the management API answers on none of them,
   even to a request carrying the valid management key; it answers only on the private unix socket (the positive
   control that proves the probe would have seen it);
+- TorchServe's gRPC management service (0.12 always starts it, on a loopback port) refuses real gRPC calls
+  (ListModels, ScaleWorker, UnregisterModel) without the management key, in the DEFAULT configuration (client token
+  authorization off) and with it on; with the key (which only the owner of the 0700 state directory can read) the same
+  call succeeds, which proves the refusal is the lock and not a wrong address;
 - model registration is refused, from a remote URL, from a file outside the store, and from the store itself
   (`enable_model_api=false`); `allowed_urls` admits only `.mar` files of the configured store;
 - token authorization `on`: no token / a wrong token → 401, the right token → 200, through the front and on
@@ -106,18 +110,103 @@ def test_management_api_answers_on_no_tcp_port(service, keys):
     management_socket = service.state / "management.sock"
     status, body = _unix_request(management_socket, "GET", "/models", keys["management"])
     assert status == 200 and service.config.model_name in body, "positive control: the unix socket must answer"
-    ports = {port for _, port, _ in _listening(service)} | {service.config.port}
+    grpc_ports = set(_grpc_ports(service).values())
+    ports = ({port for _, port, _ in _listening(service)} | {service.config.port}) - grpc_ports
     headers = {"Authorization": f"Bearer {keys['management']}"}
     for port in sorted(ports):
-        try:
-            response = requests.get(f"http://127.0.0.1:{port}/models", headers=headers, timeout=5)
-        except requests.RequestException:
-            continue  # gRPC (HTTP/2 only) or a closed connection: not the management API
+        # Every non-gRPC port speaks HTTP/1.1: a connection error here would hide a door, so it fails the test.
+        response = requests.get(f"http://127.0.0.1:{port}/models", headers=headers, timeout=5)
         assert not (response.status_code == 200 and '"models"' in response.text), f"management API on TCP {port}"
         described = requests.get(
             f"http://127.0.0.1:{port}/models/{service.config.model_name}", headers=headers, timeout=5
         )
         assert described.status_code != 200 or "workers" not in described.text, f"describe-model on TCP {port}"
+
+
+# ------------------------------------------------------------------------------------------------------ gRPC
+GRPC_MANAGEMENT = "/org.pytorch.serve.grpc.management.ManagementAPIsService/"
+
+
+def _grpc_ports(host) -> dict[str, int]:
+    """The gRPC ports TorchServe was told to use (from the generated config.properties)."""
+    props = dict(
+        line.split("=", 1) for line in (host.state / "config.properties").read_text().splitlines() if "=" in line
+    )
+    return {kind: int(props[f"grpc_{kind}_port"]) for kind in ("inference", "management")}
+
+
+def _pb_string(field: int, value: str) -> bytes:
+    """One protobuf string field (wire type 2): enough to build the management requests without generated stubs."""
+    data = value.encode()
+    return bytes([field << 3 | 2, len(data)]) + data
+
+
+def _grpc_call(port: int, method: str, request: bytes, token: str | None) -> tuple[object, bytes]:
+    """A real unary gRPC call on TorchServe's management service; (status code, response bytes)."""
+    import grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(GRPC_MANAGEMENT + method)
+        try:
+            response = call(request, metadata=metadata, timeout=20, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            return exc.code(), (exc.details() or "").encode()
+    return grpc.StatusCode.OK, response
+
+
+def _management_key(host) -> str:
+    return json.loads(host.key_file.read_text())["management"]["key"]
+
+
+def _check_grpc_management_locked(host) -> None:
+    import grpc
+
+    port = _grpc_ports(host)["management"]
+    name = host.config.model_name
+    listening = {p for _, p, _ in _listening(host)}
+    assert port in listening, f"TorchServe does not listen on its gRPC management port {port}: probe is off target"
+    calls = {
+        "ListModels": bytes([1 << 3, 100]),  # limit=100 (proto3 sends 0 when absent, and 0 lists nothing)
+        "ScaleWorker": _pb_string(1, name) + bytes([3 << 3, 3, 4 << 3, 3]),  # model_name, max/min_worker=3
+        "UnregisterModel": _pb_string(1, name),
+    }
+    for token in (None, "wrong-key", host.inference_token()):  # the inference key is not the management key
+        for method, request in calls.items():
+            code, detail = _grpc_call(port, method, request, token)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (method, token, code, detail)
+            assert b"Token Authorization failed" in detail, (method, detail)
+    management_key = _management_key(host)  # positive control: the refusals come from the lock, not a wrong port
+    code, answer = _grpc_call(port, "ListModels", calls["ListModels"], management_key)
+    assert code == grpc.StatusCode.OK and name.encode() in answer, (code, answer)
+    status, body = _unix_request(host.state / "management.sock", "GET", f"/models/{name}", management_key)
+    described = json.loads(body)[0]  # nothing changed: still registered, still one worker
+    assert status == 200 and described["minWorkers"] == described["maxWorkers"] == 1, body
+
+
+def test_grpc_management_refuses_calls_with_token_auth_on(service):
+    _check_grpc_management_locked(service)
+
+
+@pytest.fixture(scope="module")
+def default_service(tiny_model_dir, tmp_path_factory):
+    """The shipped defaults: loopback, client token authorization `auto` (= off), management `off`."""
+    with running_service(tmp_path_factory, model=str(tiny_model_dir), intra_op_threads=1) as host:
+        assert not host.config.auth_enabled
+        yield host
+
+
+def test_grpc_management_refuses_calls_in_the_default_configuration(default_service):
+    """The door the issue found: gRPC management on loopback with token authorization off. Closed: TorchServe always
+    checks its keys; clients of the default service still need no token because the front adds the inference key."""
+    _check_grpc_management_locked(default_service)
+    response = requests.post(
+        f"{default_service.config.base_url}/predictions/{default_service.config.model_name}",
+        data=_png(),
+        headers={"Authorization": "Bearer anything"},  # a client header is replaced, not trusted
+        timeout=30,
+    )
+    assert response.status_code == 200 and "cluster" in response.json()[0], response.text
 
 
 @pytest.mark.parametrize(
@@ -218,8 +307,11 @@ def test_default_configuration_binds_loopback_only(tmp_path, tiny_model_dir):
     assert properties["enable_model_api"] == "false"
     assert properties["install_py_dep_per_model"] == "false"
     assert properties["enable_envvars_config"] == "false"
-    assert properties["disable_token_authorization"] == "true"
+    # TorchServe always checks its keys (the lock on gRPC management); the front authorizes forwarded requests.
+    assert properties["disable_token_authorization"] == "false"
+    assert not config.auth_enabled
     exposed = ServeConfig(model=str(tiny_model_dir), cache_dir=tmp_path, host="0.0.0.0")
+    assert exposed.auth_enabled
     assert "disable_token_authorization=false" in render_properties(exposed, tmp_path, tmp_path)
 
 

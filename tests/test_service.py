@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -245,7 +246,8 @@ def test_management_api_is_off_and_defaults_are_loopback(service):
     # TorchServe's inference API is internal (loopback, its own port); clients talk to the front on config.port
     assert f"inference_address=http://127.0.0.1:{service.backend_port}" in properties
     assert service.backend_port != config.port
-    assert "disable_token_authorization=true" in properties  # auto: every API on loopback
+    # auto: every API on loopback, so clients need no token; TorchServe checks its keys anyway (gRPC management)
+    assert not config.auth_enabled and "disable_token_authorization=false" in properties
     # the management endpoints are not served on the inference port either
     assert requests.get(f"{config.base_url}/models", timeout=10).status_code in (400, 404, 405)
     # TorchServe's own metrics API on its own loopback port
@@ -283,7 +285,8 @@ def test_plain_curl_data_binary_returns_a_cluster_id(service, url, cifar_test_di
     _check_assignment(body[0], service_k(service))
     # TorchServe alone (its internal port) answers the same command with a 500: the front is what makes it work
     direct = f"http://127.0.0.1:{service.backend_port}/predictions/{service.config.model_name}"
-    assert _curl("-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"@{cat}", direct) == "500"
+    auth = f"Authorization: Bearer {service.inference_token()}"  # TorchServe always checks its key
+    assert _curl("-o", "/dev/null", "-w", "%{http_code}", "-H", auth, "--data-binary", f"@{cat}", direct) == "500"
 
 
 def test_chunked_upload_from_stdin(service, url, cifar_test_dir, tmp_path):
@@ -369,11 +372,11 @@ def test_predict_cli_against_the_service(service, images, tmp_path):
     good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
     good.write_bytes(images[0])
     bad.write_bytes(b"nope")
-    from conftest import REPO_ROOT
-
-    cli = REPO_ROOT / ".venv" / "bin" / "deepclust"
+    # The interpreter running the tests, wherever its environment lives (not a hard-coded .venv).
     args = [
-        str(cli),
+        sys.executable,
+        "-m",
+        "deepclust.cli",
         "predict",
         str(good),
         str(bad),
@@ -386,5 +389,5 @@ def test_predict_cli_against_the_service(service, images, tmp_path):
     assert run.returncode == 1, run.stderr  # finished with one item error
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert "cluster" in lines[0] and lines[1]["error"]["code"] == "unsupported_format"
-    run = subprocess.run(args[:3] + args[4:], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(args[:5] + args[6:], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0

@@ -34,6 +34,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("deepclust.front")
@@ -80,6 +81,10 @@ class FrontSettings:
     backend_timeout_s: float = 130.0  # to receive TorchServe's answer
     pool_size: int = 32  # idle backend connections kept
     prediction_prefix: str = "/predictions/"
+    # TorchServe always runs with token authorization (it is the only lock on its gRPC management service). When the
+    # service itself is open (`token_auth` off), the front authorizes every forwarded request with TorchServe's
+    # inference key, read lazily from the key file TorchServe writes at start (None: pass the client's header on).
+    backend_token: Callable[[], str | None] | None = None
 
 
 class HttpError(Exception):
@@ -374,6 +379,11 @@ class Front:
         except TimeoutError as exc:
             raise HttpError(408, "bad_request", "request body not received in time") from exc
         request.headers = [(n, v) for n, v in request.headers if n not in HOP_BY_HOP]
+        if s.backend_token is not None:
+            token = s.backend_token()
+            request.headers = [(n, v) for n, v in request.headers if n != b"authorization"]
+            if token:
+                request.headers.append((b"authorization", b"Bearer " + token.encode()))
         if request.method in (b"POST", b"PUT") and request.target.startswith(s.prediction_prefix.encode()):
             _raw_upload_content_type(request)
 
@@ -600,8 +610,9 @@ async def _relay_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             return
 
 
-def settings_from(config, backend_port: int) -> FrontSettings:
-    """FrontSettings from a `serving.hosts.torchserve.server.ServeConfig`."""
+def settings_from(config, backend_port: int, backend_token: Callable[[], str | None] | None = None) -> FrontSettings:
+    """FrontSettings from a `serving.hosts.torchserve.server.ServeConfig`; `backend_token` only when the service
+    itself is open (token authorization off), so that clients never need TorchServe's key."""
     return FrontSettings(
         host=config.host,
         port=config.port,
@@ -612,4 +623,5 @@ def settings_from(config, backend_port: int) -> FrontSettings:
         read_timeout_s=config.read_timeout_s,
         keepalive_timeout_s=config.keepalive_timeout_s,
         backend_timeout_s=config.response_timeout_s + 10,
+        backend_token=None if config.auth_enabled else backend_token,
     )

@@ -23,10 +23,15 @@ private worker socket numbers.
 
 Security defaults: inference on 127.0.0.1; the management API is OFF (bound to a unix socket inside the 0700 state
 directory, unreachable over TCP — TorchServe 0.12 cannot disable it) or `loopback`; model registration through the API
-disabled; `allowed_urls` restricted to our archive directory; TorchServe's gRPC servers (always started by 0.12) on
-loopback ephemeral ports; token authorization `auto` = off only when the front and the metrics are bound to loopback,
-on otherwise (enforced by TorchServe on the forwarded `Authorization` header; the key file is chmod 0600 and its path
-printed); no per-model pip installs; no config snapshots.
+disabled; `allowed_urls` restricted to our archive directory; no per-model pip installs; no config snapshots.
+
+TorchServe 0.12 always starts two gRPC servers (inference and management) and has no setting to turn them off or to
+bind them to a unix socket (`grpc_*_address` is an IP). Its only lock on them is token authorization, so TorchServe
+ALWAYS runs with it: gRPC management needs the management key, which sits in the 0700 state directory, so no other
+local user can call ScaleWorker, UnregisterModel or RegisterModel. Whether *clients* need a token is our own setting:
+`token_auth` `auto` = off only when the front and the metrics are bound to loopback, on otherwise. Off, the front puts
+TorchServe's inference key on every forwarded request itself; on, the client's `Authorization` header is forwarded
+and TorchServe checks it (the key file is chmod 0600 and its path printed).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from serving.core.model_store import (
 log = logging.getLogger("deepclust.serve")
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")  # copied into the .mar archive by torch-model-archiver
 TS_SHIM = Path(__file__).resolve().with_name("ts_shim")  # the torch stand-in for TorchServe's worker
+INTERNAL_TOKEN_MINUTES = 100 * 365 * 24 * 60  # TorchServe's keys when only the front uses them: never expire
 
 
 def default_cache_dir() -> Path:
@@ -310,8 +316,10 @@ def render_properties(config: ServeConfig, store: Path, state: Path, backend_por
         "load_models": f"{config.model_name}.mar",
         "models": json.dumps(models),
         "enable_model_api": "false",
-        "disable_token_authorization": "false" if config.auth_enabled else "true",
-        "token_expiration_min": config.token_expiration_min,
+        # Always on: the only lock on TorchServe's gRPC management service (module docstring). With client auth off
+        # the keys never leave this process and the state directory, so they do not expire for the service's life.
+        "disable_token_authorization": "false",
+        "token_expiration_min": config.token_expiration_min if config.auth_enabled else INTERNAL_TOKEN_MINUTES,
         "allowed_urls": _prop_escape(f"file://{re.escape(str(store))}/[^/]+\\.mar"),
         "install_py_dep_per_model": "false",
         "enable_envvars_config": "false",
@@ -343,16 +351,22 @@ class TorchServeHost:
         self.log_dir = config.log_dir or self.state / "logs"
         self.multiproc_dir = self.state / "prometheus-multiproc"
         self.archive_dir: Path | None = None
+        self._token: str | None = None
 
     @property
     def key_file(self) -> Path:
         return self.state / "key_file.json"
 
     def inference_token(self) -> str | None:
-        """The bearer token for the inference API (None when token authorization is off)."""
-        if not self.config.auth_enabled or not self.key_file.is_file():
-            return None
-        return json.loads(self.key_file.read_text())["inference"]["key"]
+        """TorchServe's inference key (None until TorchServe has written its key file). TorchServe always checks
+        it; clients need it only with token authorization on (off, the front adds it). Cached: the keys live as long
+        as the TorchServe process."""
+        if self._token is None and self.key_file.is_file():
+            try:
+                self._token = json.loads(self.key_file.read_text())["inference"]["key"]
+            except (OSError, ValueError, KeyError):
+                return None  # being written
+        return self._token
 
     def prepare(self) -> Path:
         """Verify the model, build the archive and write the state directory; returns the config file."""
@@ -425,13 +439,14 @@ class TorchServeHost:
         )
 
         properties = self.prepare()
+        self._token = None  # a new TorchServe process writes new keys
         prepare_multiprocess_dir(self.multiproc_dir)
         registry = multiprocess_registry(self.multiproc_dir)
         front_metrics = FrontMetrics(registry)
         self.metrics_server = start_metrics_server(
             self.config.metrics_host, self.config.metrics_port, self.multiproc_dir, registry
         )
-        self.front = Front(settings_from(self.config, self.backend_port), front_metrics)
+        self.front = Front(settings_from(self.config, self.backend_port, self.inference_token), front_metrics)
         self.front.start()
         stdout = open(self.log_dir / "torchserve.out", "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
@@ -461,7 +476,7 @@ class TorchServeHost:
             except (urllib.error.URLError, OSError, ValueError):
                 models_ready = False
             if models_ready and self._model_answers():
-                if self.config.auth_enabled and self.key_file.exists():
+                if self.key_file.exists():
                     os.chmod(self.key_file, 0o600)
                 return
             time.sleep(0.3)
