@@ -76,3 +76,20 @@ def test_turtle_two_space_model_exports_with_parity(turtle_run: Trainer, tmp_pat
 def test_turtle_refuses_uncached_training() -> None:
     with pytest.raises(ValueError, match="cached"):
         Trainer(load_config(TINY, ["method.name=turtle", "run.out_dir=/tmp/never"]))
+
+
+def test_gamma_is_chosen_by_the_label_free_score(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`benchmarks/turtle_select.py`: one TURTLE run per gamma, the choice by the generalization score alone."""
+    import json
+
+    import benchmarks.common as common
+    from benchmarks import turtle_select
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    overrides = ["method.name=turtle", "optim.epochs=2", "optim.batch_size=512", *TWO_SPACES]
+    argv = ["--config", TINY.name, "--gammas", "1", "10", "--subset", "300", "--folds", "2"]
+    assert turtle_select.main([*argv, "--out-dir", str(tmp_path / "runs"), *overrides]) == 0
+    rows = json.loads((tmp_path / "results" / "turtle_selection.json").read_text())
+    assert [r["gamma"] for r in rows] == [1.0, 10.0] and sum(r["chosen"] for r in rows) == 1
+    assert next(r for r in rows if r["chosen"])["score"] == max(r["score"] for r in rows)
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
