@@ -218,3 +218,54 @@ def test_int8_variant_passes_the_gate_and_records_it(trained_run: Path, tmp_path
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.int8.onnx")).graph.node)
     card = ModelCard.model_validate_json((out / "model.json").read_text())
     assert card.files["model.int8.onnx"].agreement_vs_fp32 == pytest.approx(result.int8_agreement, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------- refusals, end to end
+def _export_cli(run: Path, out: Path, *extra: str):
+    args = ["export", str(run), "-o", str(out), "--parity-images", "200", "--calibration-images", "128", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def _left_behind(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*")) if out.exists() else []
+
+
+def test_export_cli_refuses_a_graph_that_disagrees_with_torch(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`deepclust export` end to end with a fault injected into the written graph (one weight x1.5 after the real
+    torch.onnx export): exit 2 naming the parity check, and nothing written to the store folder."""
+    import training.export as export_module
+
+    real_export_graph = export_module.export_graph
+
+    def disagreeing_graph(model, input_size: int, path: Path, opset: int = export_module.OPSET) -> Path:
+        real_export_graph(model, input_size, path, opset)
+        proto = onnx.load(str(path))
+        biggest = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        biggest.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(biggest) * 1.5, biggest.name))
+        onnx.save(proto, str(path))
+        return path
+
+    monkeypatch.setattr(export_module, "export_graph", disagreeing_graph)
+    out = tmp_path / "store" / "refused"
+    result = _export_cli(trained_run, out, "--no-int8")
+    assert result.exit_code == 2, result.output
+    assert "parity check failed" in result.output
+    assert _left_behind(out) == [], "a refused export must leave no model.json and no model file"
+
+
+def test_export_cli_refuses_an_int8_variant_below_the_gate(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An INT8 graph that cannot pass: the gate raised above 100 % agreement, everything else real (calibration,
+    float-prefix search, the agreement measured on the evaluation set). Exit 2, and neither the INT8 file nor the
+    FP32 file nor model.json is left in the store folder."""
+    import training.export as export_module
+
+    monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.0 + 1e-9)
+    out = tmp_path / "store" / "refused-int8"
+    result = _export_cli(trained_run, out, "--int8")
+    assert result.exit_code == 2, result.output
+    assert "INT8 argmax agreement" in result.output
+    assert _left_behind(out) == []
