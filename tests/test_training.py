@@ -62,9 +62,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     _train(tmp_path / "b", "optim.epochs=1")
     resumed = _train(tmp_path / "b", "optim.epochs=2")  # same run dir: resumes from last.pt at epoch 1
     assert resumed.epoch == 2
-    for (name, p), (_, q) in zip(
-        straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
-    ):
+    for (name, p), (_, q) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
     log_lines = (resumed.run_dir / "log.jsonl").read_text().splitlines()
     assert len(log_lines) == 2  # one line per epoch, none repeated
@@ -132,3 +130,33 @@ def test_batch_augment_per_sample_and_in_range() -> None:
     assert out.min() >= 0 and out.max() <= 1
     # identical inputs must come out different: parameters are drawn per sample
     assert (out.flatten(1).std(0) > 1e-3).float().mean() > 0.5
+
+
+def test_under_trained_and_collapsed_runs_are_flagged(tmp_path: Path) -> None:
+    """`train` ends with warnings when the loss is still falling or the clusters collapsed or stayed empty."""
+    import json
+
+    from training.diagnostics import training_warnings
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"epoch": i + 1, "loss": 10.0 - i}) + "\n" for i in range(5)))
+    healthy = {"cluster_sizes": {i: 10 for i in range(4)}}
+    assert [w["kind"] for w in training_warnings(tmp_path, healthy, k=4)] == ["still_learning"]
+    log.write_text("".join(json.dumps({"epoch": i + 1, "loss": 5.0}) + "\n" for i in range(5)))
+    assert training_warnings(tmp_path, healthy, k=4) == []
+    assert [w["kind"] for w in training_warnings(tmp_path, {"cluster_sizes": {0: 90, 1: 10}}, k=4)] == ["collapsed"]
+    kinds = [w["kind"] for w in training_warnings(tmp_path, {"cluster_sizes": {0: 30, 1: 30, 2: 40}}, k=4)]
+    assert kinds == ["empty_clusters"]
+
+
+def test_train_reports_its_warnings(tmp_path: Path) -> None:
+    from training.run import train
+
+    import json
+
+    config = load_config(TINY, [f"run.out_dir={tmp_path}", "optim.epochs=4", "run.max_steps_per_epoch=2"])
+    result = train(config)
+    assert json.loads((config.run_dir / "warnings.json").read_text()) == result["warnings"]
+    assert all(set(w) == {"kind", "message"} for w in result["warnings"])
+    sizes = result["cluster_sizes"]
+    assert sum(sizes.values()) == result["n"]  # evaluation assignments, the input of the collapse check

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from training.config import TrainConfig
+from training.diagnostics import training_warnings
+
+log = logging.getLogger("deepclust.train")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -21,6 +26,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         shutdown_distributed(wait_for_peers=False)  # a peer may be gone: a barrier could hang
         raise
     shutdown_distributed()
+    result["warnings"] = training_warnings(trainer.root_dir, result, config.model.k)
+    if trainer.is_main:  # recorded in the run, beside its metrics
+        (trainer.root_dir / "warnings.json").write_text(json.dumps(result["warnings"], indent=2) + "\n")
+    for warning in result["warnings"]:
+        log.warning(json.dumps({"event": "training_warning", **warning}))
     return result
 
 

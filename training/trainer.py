@@ -541,7 +541,8 @@ class Trainer:
                 confusion=report.confusion,
             )
         else:
-            metrics.update(acc=None, nmi=None, ari=None)
+            counts = np.bincount(clusters, minlength=self.model.k)
+            metrics.update(acc=None, nmi=None, ari=None, cluster_sizes={i: int(c) for i, c in enumerate(counts) if c})
         return EvalResult(probabilities, embedding, labels, metrics)
 
     # ---------------------------------------------------------------- checkpoints
