@@ -150,9 +150,9 @@ def test_under_trained_and_collapsed_runs_are_flagged(tmp_path: Path) -> None:
 
 
 def test_train_reports_its_warnings(tmp_path: Path) -> None:
-    from training.run import train
-
     import json
+
+    from training.run import train
 
     config = load_config(TINY, [f"run.out_dir={tmp_path}", "optim.epochs=4", "run.max_steps_per_epoch=2"])
     result = train(config)
