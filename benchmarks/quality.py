@@ -76,7 +76,7 @@ SUITES: dict[str, dict[str, Experiment]] = {
         "turtle": Experiment("turtle", "cifar10_spaces_turtle.yaml"),
         **{
             f"turtle-{b}": Experiment("turtle", "cifar10_spaces_turtle.yaml", (f"model.backbone={b}",))
-            for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")
+            for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")  # Lite1 also joins with model.backbone=[...]
         },
         **_scan_rows("cifar10_spaces_scan.yaml"),
     },
