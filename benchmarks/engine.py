@@ -5,8 +5,9 @@
 Torch eager runs in its best configuration measured here (glibc malloc tuned, inference_mode); the
 script re-executes itself with that environment when it is missing, so the baseline is never the slow default.
 All runtimes see the same real CIFAR-10 test images (uint8, serving pre-processing) and the same thread count.
-Rows: `{runtime, batch, images_per_s, agreement, commit, machine}` in `benchmarks/results/engine.json`; agreement is
-the argmax agreement with torch eager on all benchmark images.
+Rows: `{runtime, batch, images_per_s, agreement, gflops_per_s, share_of_fp32_peak, commit, machine}` in
+`benchmarks/results/engine.json`; agreement is the argmax agreement with torch eager on all benchmark images; the
+arithmetic rate is img/s x the FP32 graph's GFLOP per image (Conv/Gemm/MatMul), beside a matmul measured in the run.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
-if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
-
 import numpy as np  # noqa: E402
+
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +43,57 @@ def throughput(predict, images: np.ndarray, batch: int, min_seconds: float, min_
             return done / elapsed
 
 
+def graph_gflops(path: Path) -> float:
+    """Arithmetic of one image through an ONNX graph in GFLOP: 2 x the multiply-adds of Conv, Gemm and MatMul (other
+    ops are memory-bound and left out). Shapes are read by running one image (the graph's pad arithmetic is dynamic,
+    so static shape inference cannot see them)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {init.name: list(numpy_helper.to_array(init).shape) for init in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    known = {o.name for o in model.graph.output}
+    for node in nodes:
+        for name in (node.output[0], node.input[0]):
+            if name not in known:
+                model.graph.output.append(helper.make_empty_tensor_value_info(name))
+                known.add(name)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    size = [d if isinstance(d, int) else 1 for d in inp.shape]
+    values = dict(
+        zip(
+            [o.name for o in session.get_outputs()],
+            session.run(None, {inp.name: np.zeros(size, np.uint8)}),
+            strict=True,
+        )
+    )
+    total = 0
+    for node in nodes:
+        out = values[node.output[0]].shape
+        if node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(weights[node.input[1]][1:]))  # C_in/groups x kH x kW each
+        else:
+            total += int(np.prod(out)) * int(values[node.input[0]].shape[-1])
+    return 2 * total / 1e9
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, seconds: float = 2.0) -> float:
+    """This CPU's fp32 arithmetic rate as torch measures it now (square matmuls, `threads` threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
+
+
 def _with_store_metadata(candidate: Path, fp32: Path) -> Path:
     """A copy of `candidate` carrying the FP32 model's deepclust.* metadata, so that the Engine accepts it."""
     import tempfile
@@ -60,6 +110,8 @@ def _with_store_metadata(candidate: Path, fp32: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):  # before torch allocates anything
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "cifar10-lite0-cc", help="training run (torch)")
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0")
@@ -116,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**row, "threads": args.threads, **provenance()})
             print(json.dumps(rows[-1]), flush=True)
 
+    fp32_file = files["ort_fp32"]
+    gflop = graph_gflops(fp32_file) if fp32_file.exists() else None
+    peak = matmul_peak_gflops(args.threads)
+    for r in rows:  # the distance to this CPU's arithmetic limit (INT8 runs the same graph's arithmetic in int8)
+        if gflop is not None:
+            r["gflop_per_image"] = round(gflop, 4)
+            r["gflops_per_s"] = round(r["images_per_s"] * gflop, 1)
+            r["peak_fp32_gflops_torch_matmul"] = round(peak, 1)
+            r["share_of_fp32_peak"] = round(r["images_per_s"] * gflop / peak, 3)
     by = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows}
     for r in rows:
         base = by.get(("torch_eager", r["batch"]))
@@ -126,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["command"] = command
     write_rows("engine", rows)
-    print_table(rows, ["runtime", "batch", "images_per_s", "vs_eager", "vs_fp32", "agreement"])
+    print_table(rows, ["runtime", "batch", "images_per_s", "vs_eager", "vs_fp32", "agreement", "gflops_per_s"])
     return 0
 
 
