@@ -19,10 +19,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Property tests draw the same examples on every run (a failure on CI is a failure here too); loaded before the test
+# modules, so their own @settings inherit it. HYPOTHESIS_PROFILE=explore draws new examples.
+hypothesis.settings.register_profile("deepclust", derandomize=True, print_blob=True)
+hypothesis.settings.register_profile("explore", derandomize=False, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deepclust"))
 CIFAR10_CLASSES = [
     "airplane",
     "automobile",

@@ -54,7 +54,7 @@ def _workers(service) -> list[psutil.Process]:
 
 
 def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
-    """4 closed-loop clients; SIGKILL the Python worker after 2 s; keep going until 3 s of clean answers follow
+    """4 closed-loop clients; SIGKILL the Python worker after 20 answers; keep going until 3 s of clean answers follow
     the fault (at most 60 s). TorchServe restarts the worker by itself; requests caught by the fault fail with a
     clear error (never hang), every later one succeeds."""
     (victim,) = _workers(service)
@@ -81,7 +81,14 @@ def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
     for t in threads:
         t.start()
     try:
-        time.sleep(2.0)
+        # Kill once the service has answered 20 requests (not after a fixed 2 s, which on a loaded machine could
+        # mean no request at all before the fault).
+        warm_deadline = time.monotonic() + 120
+        while time.monotonic() < warm_deadline:
+            with lock:
+                if sum(1 for r in records if r[2] == 200) >= 20:
+                    break
+            time.sleep(0.05)
         state["killed_at"] = time.monotonic()
         victim.send_signal(signal.SIGKILL)
         deadline = state["killed_at"] + 60
@@ -160,16 +167,21 @@ def _lines(path: Path) -> int:
 def test_labeller_killed_at_random_points_loses_and_duplicates_nothing(label_tree, tiny_model_dir, tmp_path):
     """Five SIGKILLs: one at a random time during start-up, four at random row counts (so that they land mid-run
     whatever the machine's speed); a re-run after each; the final output must equal an uninterrupted run's."""
-    seed = int(os.environ.get("DEEPCLUST_KILL_SEED", time.time_ns() % 100_000))
+    # Fixed seed (the same kill points on every run); DEEPCLUST_KILL_SEED=N explores others. Printed on failure.
+    seed = int(os.environ.get("DEEPCLUST_KILL_SEED", "20240617"))
+    print(f"\nlabeller kill seed {seed} (rerun with DEEPCLUST_KILL_SEED={seed})")
     rng = random.Random(seed)
     total = N_IMAGES + len(BROKEN)
     reference = tmp_path / "ref" / "labels.jsonl"
+    # The uninterrupted reference runs first, alone: running it beside the victims made the kill points depend on
+    # how the two competed for the cores.
     ref = _label(label_tree, tiny_model_dir, reference)
+    processes = [ref]
     out = tmp_path / "run" / "labels.jsonl"
     errors = out.with_name("labels.errors.jsonl")
     kills, started = [], time.monotonic()
-    processes = [ref]
     try:
+        assert ref.wait(300) == 1, ref.stderr.read().decode()[-2000:]
         targets = [None] + sorted(rng.randint(1, N_IMAGES - 50) for _ in range(4))
         for target in targets:
             victim = _label(label_tree, tiny_model_dir, out)
@@ -186,7 +198,6 @@ def test_labeller_killed_at_random_points_loses_and_duplicates_nothing(label_tre
             victim.send_signal(signal.SIGKILL)
             victim.wait(30)
             kills.append({"target": target, "rows_on_disk": _lines(out), "finished_before_kill": finished})
-        assert ref.wait(120) == 1, ref.stderr.read().decode()[-2000:]
         final = _label(label_tree, tiny_model_dir, out)
         processes.append(final)
         assert final.wait(120) == 1, final.stderr.read().decode()[-2000:]
@@ -199,7 +210,7 @@ def test_labeller_killed_at_random_points_loses_and_duplicates_nothing(label_tre
                 proc.stderr.close()
     print(f"\nlabeller kills (seed {seed}, {time.monotonic() - started:.1f} s): {json.dumps(kills)}")
     mid_run = [k for k in kills if k["target"] and not k["finished_before_kill"] and 0 < k["rows_on_disk"] < total]
-    assert mid_run, f"no kill landed mid-run: {kills}"
+    assert mid_run, f"no kill landed mid-run (seed {seed}): {kills}"
 
     raw_lines = out.read_text(encoding="utf-8").splitlines()
     got, want = read_rows(out), read_rows(reference)

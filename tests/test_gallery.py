@@ -23,9 +23,20 @@ PER_CLASS = 20
 
 
 def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", *extra, url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *extra,
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, timeout=120)
 
 
@@ -41,7 +52,8 @@ def labelled(cifar_test_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytes
     out = root.parent / "labels.jsonl"
     report = root.parent / "report.html"
     result = CliRunner().invoke(
-        app, ["label", str(root), "-m", str(tiny_model_dir), "-o", str(out), "--gallery", str(report)],
+        app,
+        ["label", str(root), "-m", str(tiny_model_dir), "-o", str(out), "--gallery", str(report)],
         catch_exceptions=False,
     )
     assert result.exit_code == 1, result.output  # the zero-byte file is an error
@@ -107,7 +119,6 @@ def test_flat_folder_has_no_ground_truth_section(tmp_path: Path) -> None:
     rows = [{"path": f"x{i}.jpg", "cluster": i % 3, "confidence": 0.5} for i in range(9)]
     data = collect(rows, examples=2)
     assert data.y_true is None
-    page = build_gallery(rows=rows, root=tmp_path, output=tmp_path / "r.html", model_name="m",
-                         examples=2).read_text()
+    page = build_gallery(rows=rows, root=tmp_path, output=tmp_path / "r.html", model_name="m", examples=2).read_text()
     assert "Agreement with the folder labels" not in page and "<svg" not in page
     assert page.count('class="missing"') == 3 * 2 * 2  # files absent: placeholders, not a crash
