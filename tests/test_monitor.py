@@ -603,3 +603,89 @@ def test_drift_report_with_the_exported_quantile_grid():
     assert collapsed["confidence_ks"] > 0.5 and collapsed["low_confidence_ratio"] > 0.5
     assert collapsed["chi2_statistic"] is not None  # finite here; None only when the reference had a 0 bin
     json.dumps(collapsed, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------ sample size
+def test_rules_thresholds_are_the_monitor_sample_size_bounds():
+    """The sample-size checks judge each statistic against the alert threshold Prometheus really uses."""
+    from serving.hosts import monitor
+
+    exprs = " ".join(rule.get("expr", "") for group in _rule_groups() for rule in group["rules"])
+    assert f"deepclust_drift_psi > {monitor.PSI_ALERT}" in exprs
+    assert f"deepclust_low_confidence_ratio > {monitor.LOW_CONFIDENCE_ALERT}" in exprs
+    assert f"deepclust_drift_confidence_ks > {monitor.CONFIDENCE_KS_ALERT}" in exprs
+    assert f"< -{monitor.ACCURACY_DROP_ALERT}" in exprs
+    assert (monitor.PSI_ALERT, monitor.LOW_CONFIDENCE_ALERT, monitor.CONFIDENCE_KS_ALERT) == (
+        PSI_ALERT,
+        LOW_CONFIDENCE_ALERT,
+        KS_ALERT,
+    )
+
+
+def _rule_groups() -> list[dict]:
+    document = yaml.safe_load(RULES_YAML.read_text())
+    return document["spec"]["groups"] if "spec" in document else document["groups"]
+
+
+def test_undrifted_psi_matches_its_chi_square_limit_and_min_n_is_the_boundary():
+    """PSI of an undrifted multinomial sample → χ²(K−1)/n for large n (expected (K−1)/n); `min_n` is the first size
+    whose undrifted 99 % quantile is within the bound, so one image fewer is not."""
+    from serving.core import drift
+
+    reference = [0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.15, 0.15]
+    assert drift.undrifted_psi(reference, 5000).mean() == pytest.approx(9 / 5000, rel=0.1)
+    check = drift.psi_sample_check(reference, 40, 0.25)
+    assert not check.sufficient and check.undrifted_mean > 0.25  # 40 images read as drift by themselves
+    quantile = lambda n: np.quantile(drift.undrifted_psi(reference, n), 0.99)  # noqa: E731
+    assert quantile(check.min_n) <= 0.25 < quantile(check.min_n - 1)
+    ks = drift.ks_sample_check(10, 0.3)
+    from scipy import stats
+
+    assert stats.kstwo.ppf(0.99, ks.min_n) <= 0.3 < stats.kstwo.ppf(0.99, ks.min_n - 1)
+    # Cochran: the rarest cluster (5 %) needs 5 expected images → 100.
+    assert drift.chi_square_sample_check(reference, 99).min_n == 100
+
+
+def test_too_small_sample_warns_with_the_minimum_and_why(tiny_model_dir: Path, cifar_test_dir: Path, tmp_path: Path):
+    """The issue's case: 40 images of one class. The run still publishes, but says the sample is too small, how
+    many images each statistic needs and why, on stderr and in the JSON report."""
+    one_class = sorted((cifar_test_dir / "cat").glob("*.jpg"))[:40]
+    sample = make_folder(tmp_path / "sample", one_class, labelled=False)
+    report_path = tmp_path / "report.json"
+    result = run_cli("--model", str(tiny_model_dir), "--sample", str(sample), "--json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    size = report["sample_size"]
+    assert size["n"] == 40 and not size["sufficient"]
+    checks = {row["statistic"]: row for row in size["checks"]}
+    assert set(checks) == {"psi", "chi2_p_value", "confidence_ks", "low_confidence_ratio"}
+    psi = checks["psi"]
+    assert not psi["sufficient"] and psi["min_n"] > 40 and psi["undrifted_mean"] > PSI_ALERT
+    assert f"at least {psi['min_n']}" in result.stderr and "too few for psi" in result.stderr
+    assert any("expected PSI" in warning for warning in report["warnings"])
+    assert checks["confidence_ks"]["sufficient"]  # KS needs fewer images: no warning for it
+    assert "too few for confidence_ks" not in result.stderr
+
+
+def test_large_enough_sample_has_no_warning(tiny_model_dir: Path, probe_dir: Path):
+    from serving.hosts.monitor import MonitorConfig, run_monitor
+
+    report = run_monitor(MonitorConfig(model=tiny_model_dir, sample_dir=probe_dir, workers=0, progress="none"))
+    assert report["sample_size"]["sufficient"] and report["warnings"] == []
+    assert report["sample_size"]["min_n"] <= report["n_ok"] == 200
+
+
+def test_progress_lines_advance_to_the_total_with_eta(tiny_model_dir: Path, probe_dir: Path, capsys):
+    """Without a terminal (a CronJob's log) progress is JSON lines: they advance with the images, end at the
+    total and carry a rate and an ETA."""
+    from serving.hosts.monitor import MonitorConfig, run_monitor
+
+    config = MonitorConfig(
+        model=tiny_model_dir, sample_dir=probe_dir, workers=0, progress="log", progress_interval=0.0, batch_size=16
+    )
+    run_monitor(config)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"progress"' in line]
+    done = [line["done"] for line in lines]
+    assert len(lines) >= 10 and done == sorted(done) and done[-1] == 200 and done[0] < 200
+    assert all(line["total"] == 200 and line["images_per_s"] > 0 for line in lines)
+    assert lines[-1]["eta_s"] == 0 and lines[0]["eta_s"] > 0

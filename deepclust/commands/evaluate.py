@@ -17,6 +17,9 @@ def command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write the full report as JSON")] = None,
 ) -> None:
     """Evaluate a checkpoint with the serving pre-processing."""
+    from deepclust.extras import require
+
+    require("evaluate")
     from deepclust.logs import configure_logging
     from training.run import evaluate as run_evaluate
 

@@ -24,6 +24,9 @@ def command(
     ] = None,
 ) -> None:
     """Export, check parity with torch (max |dp| <= 1e-4, 100% argmax) and write model.json; fails loudly."""
+    from deepclust.extras import require
+
+    require("export")
     from deepclust.logs import configure_logging
     from training.export import ExportError, export_checkpoint
 

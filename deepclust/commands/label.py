@@ -61,7 +61,9 @@ def command(
     batch_size: int = typer.Option(
         16, "--batch-size", "-b", min=1, help="Images per inference batch (16: as fast as 64 on CPU, less memory)."
     ),
-    threads: int = typer.Option(0, "--threads", min=0, help="onnxruntime intra-op threads (0 = all cores)."),
+    threads: int = typer.Option(
+        0, "--threads", min=0, help="onnxruntime intra-op threads (0 = the cores available: affinity and cgroup quota)."
+    ),
     variant: str = typer.Option(
         "fp32", "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …); same as `deepclust serve`."
     ),
@@ -72,9 +74,13 @@ def command(
     progress: str = typer.Option("auto", "--progress", help="auto | bar | log | none."),
 ) -> None:
     """Label every image under DIRECTORY: one row per image (path, cluster, confidence, label, sha256)."""
+    from deepclust.extras import require
+
+    require("label")
     from pydantic import ValidationError
 
     from serving.core.batch import Shard
+    from serving.core.runtime import available_cpus
     from serving.hosts.labeller.labeller import LabelConfig, Labeller, UsageError, format_summary, summary_dict
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -94,7 +100,7 @@ def command(
             shard=Shard(index, count),
             workers=workers,
             batch_size=batch_size,
-            threads=threads,
+            threads=threads or available_cpus(),
             variant=variant,
             gallery=gallery,
             overwrite=overwrite,

@@ -55,10 +55,20 @@ def command(
         help="Confidence below which an assignment counts as low (default: the reference's 5% quantile).",
     ),
     workers: int = typer.Option(1, "--workers", min=0, help="Decode processes (0 = decode inline)."),
+    threads: int = typer.Option(
+        0, "--threads", min=0, help="onnxruntime intra-op threads (0 = the cores available: affinity, cgroup quota)."
+    ),
+    progress: str = typer.Option(
+        "auto", "--progress", help="auto | bar | log | none: a bar with ETA on a terminal, JSON lines otherwise."
+    ),
 ) -> None:
     """Evaluate a model on a labelled probe set (ACC/NMI/ARI and change since export) or measure the drift
     of an unlabelled sample (PSI, JS, chi-square p, confidence KS/W1, low-confidence share); publish the
-    gauges to a Pushgateway or a textfile and print the JSON report."""
+    gauges to a Pushgateway or a textfile and print the JSON report. Warns (and says in the report's
+    `sample_size`) when the sample is too small for a statistic it publishes."""
+    from deepclust.extras import require
+
+    require("monitor")
     import logging
 
     from pydantic import ValidationError
@@ -83,6 +93,8 @@ def command(
             seed=seed,
             low_confidence_threshold=low_confidence_threshold,
             workers=workers,
+            threads=threads,
+            progress=progress,
         )
     except ValidationError as exc:
         messages = "; ".join(error["msg"] for error in exc.errors())

@@ -24,6 +24,9 @@ def command(
     batch: int = typer.Option(32, "--batch", min=1, help="Images per request."),
 ) -> None:
     """Print the cluster of each image, one JSON line per image, in order."""
+    from deepclust.extras import require
+
+    require("predict")
     from serving.client import Client, ServiceError
     from serving.core.results import ItemError
 

@@ -35,12 +35,17 @@ def command(
     workers: int = typer.Option(None, "--workers", help="TorchServe workers (default 1)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Server-side batch size in requests (default 16)."),
     max_batch_delay_ms: int = typer.Option(None, "--max-batch-delay-ms", help="Server-side batch delay (default 10)."),
-    intra_op_threads: int = typer.Option(None, "--threads", help="onnxruntime threads per worker (0 = all)."),
+    intra_op_threads: int = typer.Option(
+        None, "--threads", help="onnxruntime threads per worker (0 = the cores available, shared among the workers)."
+    ),
     max_request_bytes: int = typer.Option(
         None, "--max-request-bytes", help="Largest request body the HTTP front accepts (default 100 MiB; 413 above)."
     ),
 ) -> None:
     """Serve a clustering model over HTTP (TorchServe + onnxruntime); Ctrl-C stops it."""
+    from deepclust.extras import require
+
+    require("serve")
     from pydantic import ValidationError
 
     from serving.hosts.torchserve.server import ServeConfig, serve_forever
@@ -66,6 +71,10 @@ def command(
     except (ValidationError, ValueError, OSError) as exc:
         typer.echo(f"deepclust serve: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if settings.intra_op_threads == 0:  # onnxruntime alone would take every host core, not the cgroup's share
+        from serving.core.runtime import available_cpus
+
+        settings = settings.model_copy(update={"intra_op_threads": max(1, available_cpus() // settings.workers)})
     try:
         code = serve_forever(settings, echo=typer.echo)
     except (FileNotFoundError, ValueError) as exc:  # missing model, sha mismatch with the card

@@ -28,6 +28,9 @@ def command(
     ] = None,
 ) -> None:
     """Train; re-running the same command resumes from the run directory's last checkpoint."""
+    from deepclust.extras import require
+
+    require("train")
     from deepclust.logs import configure_logging
     from training.run import train as run_train
 

@@ -24,7 +24,8 @@ Decisions, each documented where it is made:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -320,3 +321,152 @@ def model_agreement(clusters_a: np.ndarray, clusters_b: np.ndarray) -> dict[str,
         "matched_agreement": cluster_accuracy(a, b),
         "n": int(a.size),
     }
+
+
+# ---------------------------------------------------------------------------------------------- sample size
+@dataclass(frozen=True)
+class SampleSizeCheck:
+    """Whether a sample of `n` is large enough for one published statistic, and why (all figures computed).
+
+    `min_n` is the smallest sample for which an *undrifted* sample (drawn from the reference itself) stays at or
+    below `bound` with probability `level`; `undrifted_mean` and `undrifted_quantile` are that statistic's mean and
+    `level`-quantile at `n` under no drift."""
+
+    statistic: str
+    n: int
+    min_n: int
+    bound: float
+    level: float
+    undrifted_mean: float
+    undrifted_quantile: float
+    why: str
+
+    @property
+    def sufficient(self) -> bool:
+        return self.n >= self.min_n
+
+
+def undrifted_psi(reference: Sequence[float] | np.ndarray, n: int, *, draws: int = 2000, seed: int = 0) -> np.ndarray:
+    """PSI of `draws` samples of `n` assignments drawn from the reference shares themselves (no drift at all):
+    the noise floor of the PSI a sample of that size reports."""
+    expected = normalise(reference)
+    counts = np.random.default_rng(seed).multinomial(n, expected, size=draws)
+    e = np.maximum(expected, PSI_EPSILON)
+    a = np.maximum(counts / n, PSI_EPSILON)
+    return np.sum((a - e) * np.log(a / e), axis=1)
+
+
+def smallest_n(ok: Callable[[int], bool], n_max: int = 1 << 20) -> int:
+    """Smallest n in [1, n_max] with ok(n), for an ok() that turns true as n grows (doubling, then bisection)."""
+    high = 1
+    while not ok(high):
+        if high >= n_max:
+            return n_max
+        high = min(high * 2, n_max)
+    low = high // 2  # ok(low) is false (or low = 0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if ok(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def psi_sample_check(
+    reference: Sequence[float] | np.ndarray, n: int, bound: float, level: float = 0.99, seed: int = 0
+) -> SampleSizeCheck:
+    """PSI of small samples is biased upwards (≈ (K−1)/n, more with empty bins): how large must a sample be so
+    that an undrifted one stays below the alert bound?"""
+    q = lambda size: float(np.quantile(undrifted_psi(reference, size, seed=seed), level))  # noqa: E731
+    min_n = smallest_n(lambda size: q(size) <= bound)
+    at_n = undrifted_psi(reference, max(n, 1), seed=seed)
+    return SampleSizeCheck(
+        "psi",
+        n,
+        min_n,
+        bound,
+        level,
+        float(at_n.mean()),
+        float(np.quantile(at_n, level)),
+        f"an undrifted sample of {n} has expected PSI {at_n.mean():.3f} ({level:.0%} quantile "
+        f"{np.quantile(at_n, level):.3f}); PSI stays ≤ {bound} without drift in {level:.0%} of samples from "
+        f"{min_n} images on",
+    )
+
+
+def chi_square_sample_check(
+    reference: Sequence[float] | np.ndarray, n: int, min_expected: float = 5.0
+) -> SampleSizeCheck:
+    """Pearson's chi-square p-value is trusted when every expected count is ≥ 5 (Cochran's rule)."""
+    shares = normalise(reference)
+    smallest = float(shares[shares > 0].min())
+    min_n = int(math.ceil(min_expected / smallest))
+    return SampleSizeCheck(
+        "chi2_p_value",
+        n,
+        min_n,
+        min_expected,
+        1.0,
+        n * smallest,
+        n * smallest,
+        f"the rarest reference cluster (share {smallest:.3f}) expects {n * smallest:.1f} of {n} images; the "
+        f"chi-square p-value needs ≥ {min_expected:g} expected per cluster, i.e. {min_n} images",
+    )
+
+
+def ks_sample_check(n: int, bound: float, level: float = 0.99) -> SampleSizeCheck:
+    """The KS statistic of an undrifted sample of n has the exact Kolmogorov distribution (scipy `kstwo`)."""
+    min_n = smallest_n(lambda size: float(stats.kstwo.ppf(level, size)) <= bound)
+    mean = float(stats.kstwo.mean(max(n, 1)))
+    quantile = float(stats.kstwo.ppf(level, max(n, 1)))
+    return SampleSizeCheck(
+        "confidence_ks",
+        n,
+        min_n,
+        bound,
+        level,
+        mean,
+        quantile,
+        f"an undrifted sample of {n} has expected KS {mean:.3f} ({level:.0%} quantile {quantile:.3f}); KS stays "
+        f"≤ {bound} without drift in {level:.0%} of samples from {min_n} images on",
+    )
+
+
+def share_sample_check(statistic: str, n: int, p: float, bound: float, level: float = 0.99) -> SampleSizeCheck:
+    """A share (e.g. low-confidence assignments, expected p under the reference) is binomial: from which n does
+    an undrifted sample stay ≤ bound?"""
+    q = lambda size: float(stats.binom.ppf(level, size, p)) / size  # noqa: E731
+    min_n = smallest_n(lambda size: q(size) <= bound)
+    quantile = q(max(n, 1))
+    return SampleSizeCheck(
+        statistic,
+        n,
+        min_n,
+        bound,
+        level,
+        p,
+        quantile,
+        f"under the reference {p:.0%} of assignments fall in it; a sample of {n} reads up to {quantile:.3f} "
+        f"({level:.0%} quantile) without drift; it stays ≤ {bound} from {min_n} images on",
+    )
+
+
+def accuracy_sample_check(n: int, accuracy: float, drop: float, level: float = 0.99) -> SampleSizeCheck:
+    """ACC on n labelled images has standard error √(a(1−a)/n): a change of `drop` is noise until
+    z_level · SE ≤ drop."""
+    a = min(max(accuracy, 0.0), 1.0)
+    z = float(stats.norm.ppf(level))
+    se = math.sqrt(a * (1 - a) / max(n, 1))
+    min_n = max(1, int(math.ceil(z * z * a * (1 - a) / (drop * drop))))
+    return SampleSizeCheck(
+        "acc",
+        n,
+        min_n,
+        drop,
+        level,
+        0.0,
+        z * se,
+        f"ACC {a:.3f} on {n} images has standard error {se:.3f}: a chance drop up to {z * se:.3f} "
+        f"({level:.0%}); telling a {drop} drop from noise needs {min_n} images",
+    )

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -62,6 +63,13 @@ TIMESTAMP_GAUGE = "deepclust_eval_last_success_timestamp_seconds"
 DEFAULT_JOB = "deepclust-monitor"
 EXPORT_DATASET_PREFIX = "export:"
 LOW_CONFIDENCE_LEVEL = 0.05  # reference quantile used as the low-confidence threshold (see the module doc)
+# The alert thresholds of k8s/base/prometheus-rules.yaml (tests/test_monitor.py keeps them equal): a sample is too
+# small for a statistic when, without any drift, that statistic would cross its threshold in more than 1 % of runs.
+PSI_ALERT = 0.25
+LOW_CONFIDENCE_ALERT = 0.25
+CONFIDENCE_KS_ALERT = 0.3
+ACCURACY_DROP_ALERT = 0.05
+SAMPLE_LEVEL = 0.99
 
 
 class MonitorError(Exception):
@@ -94,6 +102,9 @@ class MonitorConfig(BaseModel):
     low_confidence_threshold: float | None = None
     batch_size: int = 64
     workers: int = 1
+    threads: int = 0  # onnxruntime intra-op threads; 0 = the cores available (affinity, cgroup quota)
+    progress: Literal["auto", "bar", "log", "none"] = "auto"
+    progress_interval: float = 5.0  # seconds between progress lines in "log" mode
 
     @field_validator("max_images")
     @classmethod
@@ -150,13 +161,57 @@ def list_images(folder: Path, *, max_images: int | None, seed: int) -> list[str]
     return paths
 
 
-def run_folder(engine: Any, folder: Path, paths: Sequence[str], *, batch_size: int = 64, workers: int = 1) -> FolderRun:
+class Progress:
+    """Images done of a pass: a tqdm bar (rate, ETA) on a terminal, else a JSON line on stderr every `interval`
+    seconds (CronJob logs), so a long evaluation never looks stuck."""
+
+    def __init__(self, total: int, what: str, mode: str = "auto", interval: float = 5.0) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.total, self.what, self.mode, self.interval = total, what, mode, interval
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.bar: Any = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit="img", dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.mode == "log" and (time.monotonic() - self.last >= self.interval or self.done == self.total):
+            self.last = time.monotonic()
+            elapsed = self.last - self.started
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else None
+            line = {"event": "progress", "pass": self.what, "done": self.done, "total": self.total}
+            line |= {"images_per_s": round(rate, 1), "eta_s": None if eta is None else round(eta, 1)}
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_folder(
+    engine: Any,
+    folder: Path,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> FolderRun:
     """Run the engine over `paths` with the shared batch pipeline (parallel decode, per-item errors)."""
     from serving.core.batch import PipelineOptions, run_files
 
     options = PipelineOptions(batch_size=batch_size, workers=workers, with_embedding=True)
     run = FolderRun()
     for item in run_files(engine, folder, paths, options):
+        if progress is not None:
+            progress.update()
         if item.ok:
             run.paths.append(item.rel)
             run.clusters.append(int(item.result.cluster))  # type: ignore[union-attr]
@@ -165,19 +220,23 @@ def run_folder(engine: Any, folder: Path, paths: Sequence[str], *, batch_size: i
         else:
             error = item.result.error  # type: ignore[union-attr]
             run.errors.append({"path": item.path, "code": error.code, "message": error.message})
+    if progress is not None:
+        progress.close()
     return run
 
 
-def _open_engine(path: Path, variant: str = "fp32") -> tuple[Any, str]:
+def _open_engine(path: Path, variant: str = "fp32", threads: int = 0) -> tuple[Any, str]:
     """(engine, model name) of a model resolved and card-checked by the model store (same rules as every host)."""
     from serving.core.engine import Engine
+    from serving.core.runtime import available_cpus
 
     try:
         resolved = resolve_model(path, variant)
     except ModelStoreError as exc:
         raise MonitorError(str(exc)) from exc
     try:
-        return Engine(resolved.file, providers=("cpu",), max_batch=64), resolved.name
+        engine = Engine(resolved.file, providers=("cpu",), max_batch=64, intra_op_threads=threads or available_cpus())
+        return engine, resolved.name
     except (OSError, ValueError) as exc:
         raise MonitorError(f"cannot load the model {path}: {exc}") from exc
 
@@ -250,6 +309,64 @@ def labelled_report(paths: Sequence[str], clusters: np.ndarray, export_metrics: 
         for key in ("acc", "nmi", "ari")
     }
     return result
+
+
+def sample_size_report(report: dict[str, Any], reference: dict | None) -> dict[str, Any]:
+    """For each statistic this run publishes: the smallest sample that keeps it below its alert threshold
+    without any drift (in `SAMPLE_LEVEL` of runs), and a warning when this sample is smaller (docs in the README).
+
+    Why: a small sample reads as drift by itself (an undrifted sample of 40 images over 10 clusters has an
+    expected PSI of 0.32, above the 0.25 alert), so a figure from too few images must say so."""
+    n = int(report["n_ok"])
+    checks: list[drift.SampleSizeCheck] = []
+    if report.get("drift") is not None and reference and reference.get("cluster_hist"):
+        hist = reference["cluster_hist"]
+        checks += [
+            drift.psi_sample_check(hist, n, PSI_ALERT, SAMPLE_LEVEL),
+            drift.chi_square_sample_check(hist, n),
+            drift.ks_sample_check(n, CONFIDENCE_KS_ALERT, SAMPLE_LEVEL),
+        ]
+        if report["drift"].get("low_confidence_expected_ratio"):
+            checks.append(
+                drift.share_sample_check(
+                    "low_confidence_ratio", n, LOW_CONFIDENCE_LEVEL, LOW_CONFIDENCE_ALERT, SAMPLE_LEVEL
+                )
+            )
+    labelled = report.get("labelled")
+    if labelled is not None:
+        export = labelled.get("export") or {}
+        accuracy = export.get("acc") if export.get("acc") is not None else labelled["acc"]
+        checks.append(drift.accuracy_sample_check(int(labelled["n"]), float(accuracy), ACCURACY_DROP_ALERT))
+    rows = []
+    for check in checks:
+        row = {
+            "statistic": check.statistic,
+            "n": check.n,
+            "min_n": check.min_n,
+            "sufficient": check.sufficient,
+            "bound": check.bound,
+            "level": check.level,
+            "undrifted_mean": check.undrifted_mean,
+            "undrifted_quantile": check.undrifted_quantile,
+            "why": check.why,
+        }
+        if not check.sufficient:
+            row["warning"] = (
+                f"{check.n} images are too few for {check.statistic}: it needs at least {check.min_n} ({check.why})"
+            )
+        rows.append(row)
+    return {
+        "n": n,
+        "sufficient": all(row["sufficient"] for row in rows),
+        "min_n": max((row["min_n"] for row in rows), default=0),
+        "checks": rows,
+    }
+
+
+def _progress(config: MonitorConfig, total: int, what: str) -> Progress | None:
+    if config.progress == "none":
+        return None
+    return Progress(total, what, config.progress, config.progress_interval)
 
 
 # ---------------------------------------------------------------------------------------------- publishing
@@ -339,10 +456,17 @@ def run_monitor(config: MonitorConfig) -> dict[str, Any]:
     report is written before publishing, so the figures are never lost)."""
     started = time.time()
     folder = config.folder
-    engine, name = _open_engine(config.model, config.variant)
+    engine, name = _open_engine(config.model, config.variant, config.threads)
     dataset = config.dataset or folder.resolve().name
     paths = list_images(folder, max_images=config.max_images, seed=config.seed)
-    run = run_folder(engine, folder, paths, batch_size=config.batch_size, workers=config.workers)
+    run = run_folder(
+        engine,
+        folder,
+        paths,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        progress=_progress(config, len(paths), config.mode),
+    )
     if not run.clusters:
         raise MonitorError(f"none of the {len(paths)} images under {folder} could be decoded")
     clusters = np.asarray(run.clusters, dtype=np.int64)
@@ -386,8 +510,15 @@ def run_monitor(config: MonitorConfig) -> dict[str, Any]:
     elif config.mode == "unlabelled":
         raise MonitorError("the model has no deepclust.reference metadata: drift cannot be measured")
     if config.compare_model is not None:
-        other, other_name = _open_engine(config.compare_model)
-        other_run = run_folder(other, folder, run.paths, batch_size=config.batch_size, workers=config.workers)
+        other, other_name = _open_engine(config.compare_model, threads=config.threads)
+        other_run = run_folder(
+            other,
+            folder,
+            run.paths,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            progress=_progress(config, len(run.paths), "compare-model"),
+        )
         common = sorted(set(run.paths) & set(other_run.paths))
         mine = dict(zip(run.paths, run.clusters, strict=True))
         theirs = dict(zip(other_run.paths, other_run.clusters, strict=True))
@@ -403,11 +534,16 @@ def run_monitor(config: MonitorConfig) -> dict[str, Any]:
             base_paths,
             batch_size=config.batch_size,
             workers=config.workers,
+            progress=_progress(config, len(base_paths), "embedding-baseline"),
         )
         if base_run.embeddings:
             report["embedding_mmd2"] = drift.mmd_rbf(
                 np.stack(base_run.embeddings), np.stack(run.embeddings), seed=config.seed
             )
+    report["sample_size"] = sample_size_report(report, engine.metadata.reference.model_dump())
+    report["warnings"] = [check["warning"] for check in report["sample_size"]["checks"] if check.get("warning")]
+    for warning in report["warnings"]:
+        log.warning(warning)
     report["started_at"] = started
     report["finished_at"] = time.time()
     report["seconds"] = round(report["finished_at"] - started, 3)
