@@ -406,10 +406,11 @@ class TorchServeHost:
         ]
 
     def environment(self) -> dict[str, str]:
+        from serving.core.runtime import allocator_environment
         from serving.hosts.torchserve.handler import CONFIG_ENV
         from serving.hosts.torchserve.telemetry import MULTIPROC_ENV
 
-        env = dict(os.environ)
+        env = allocator_environment(dict(os.environ))  # glibc reads it when each Python worker starts
         env.update(
             {
                 MULTIPROC_ENV: str(self.multiproc_dir),
