@@ -51,8 +51,15 @@ def command(
     except (ValidationError, ValueError) as error:
         typer.echo(f"bad configuration: {error}", err=True)
         raise typer.Exit(2) from error
+    import logging
     import os
 
+    import torch
+
+    from serving.core.runtime import malloc_probe
+
+    runtime = {"event": "runtime", "torch_threads": torch.get_num_threads(), "malloc": malloc_probe()}
+    logging.getLogger("deepclust.train").info(json.dumps(runtime))  # read back from torch and glibc
     metrics = run_train(train_config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one result line (rank 0's)
         typer.echo(json.dumps({k: metrics.get(k) for k in ("acc", "nmi", "ari", "n", "run_dir")}))
