@@ -351,3 +351,67 @@ def test_no_pickle_and_no_torch_in_serving():
                 root = name.split(".")[0]
                 assert root not in {"pickle", "dill", "cloudpickle", "joblib", "torch", "training"}, (path, name)
         assert "allow_pickle=True" not in path.read_text(), path
+
+
+# --------------------------------------------------------------------------- token auth on a real exposed service
+def _non_loopback_address(family: int) -> str | None:
+    """An address of this machine that is not loopback (to reach a 0.0.0.0 / :: bind the way another host would)."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family == family:
+                ip = ipaddress.ip_address(entry.address.split("%")[0])
+                if not ip.is_loopback and not ip.is_link_local:
+                    return str(ip)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("settings", "family"),
+    [
+        ({"host": "0.0.0.0", "management": "loopback"}, socket.AF_INET),
+        ({"host": "::"}, socket.AF_INET6),
+        ({"metrics_host": "0.0.0.0"}, None),  # only the metrics public: auth still turns on
+    ],
+    ids=["ipv4-any", "ipv6-any", "metrics-only"],
+)
+def test_exposed_service_requires_the_token(tiny_model_dir, tmp_path_factory, tmp_path, settings, family):
+    """A real service bound beyond loopback with the DEFAULT `token_auth: auto`: 401 without a token or with a wrong
+    one, 200 with the inference key, through the front on its public address; `deepclust predict --key-file` works
+    against it; with `--management loopback` the management API answers on 127.0.0.1 only with its key."""
+    import subprocess
+    import sys
+
+    with running_service(tmp_path_factory, model=str(tiny_model_dir), intra_op_threads=1, **settings) as host:
+        assert host.config.auth_enabled  # auto turned it on
+        target = "127.0.0.1"
+        if family is not None:
+            target = _non_loopback_address(family) or ("::1" if family == socket.AF_INET6 else "127.0.0.1")
+        url = f"http://{target if ':' not in target else f'[{target}]'}:{host.config.port}"
+        predictions = f"{url}/predictions/{host.config.model_name}"
+        for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+            response = requests.post(predictions, data=_png(), headers=headers, timeout=30)
+            assert response.status_code == 401, (headers, response.status_code, response.text)
+        right = {"Authorization": f"Bearer {host.inference_token()}"}
+        response = requests.post(predictions, data=_png(), headers=right, timeout=30)
+        assert response.status_code == 200 and "cluster" in response.json()[0], response.text
+
+        image = tmp_path / "x.png"
+        image.write_bytes(_png())
+        cli = [sys.executable, "-m", "deepclust.cli", "predict", str(image), "--url", url]
+        cli += ["--model", host.config.model_name]
+        refused = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0, refused.stdout
+        accepted = subprocess.run([*cli, "--key-file", str(host.key_file)], capture_output=True, text=True, timeout=60)
+        assert accepted.returncode == 0, accepted.stderr
+        assert "cluster" in json.loads(accepted.stdout.splitlines()[0])
+
+        if host.config.management == "loopback":
+            management = f"http://127.0.0.1:{host.config.management_port}/models"
+            assert requests.get(management, timeout=10).status_code in (400, 401)
+            key = json.loads(host.key_file.read_text())["management"]["key"]
+            listed = requests.get(management, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            assert listed.status_code == 200 and host.config.model_name in listed.text
+            bound = [a for a, p, _ in _listening(host) if p == host.config.management_port]
+            assert bound and all(_is_loopback(a) for a in bound), bound

@@ -167,7 +167,9 @@ class ServeConfig(BaseModel):
 
     @property
     def base_url(self) -> str:
-        host = self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - not a bind
+        # A wildcard bind is reached on its own family's loopback: asyncio binds "::" IPv6-only (IPV6_V6ONLY), so
+        # 127.0.0.1 would never answer and `--host ::` never got ready.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104 - not a bind
         return f"http://{_url_host(host)}:{self.port}"
 
     def handler_config(self) -> dict[str, Any]:
