@@ -25,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import print_table, provenance, write_rows
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+
 DEEPCLUST = Path(sys.executable).parent / "deepclust"
 MAKE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}  # the Makefile's exports
 WORKLOADS = {
