@@ -110,3 +110,25 @@ def test_default_model_on_real_images(default_model_dir, cifar_test_dir):
     assert out.probabilities.shape == (len(paths), engine.k)
     # a trained model uses more than one cluster on 10 classes × 20 real images
     assert len(set(out.cluster.tolist())) >= 3
+
+
+ACC_SUBSET_PER_CLASS = 100
+ACC_TOLERANCE = 0.05  # ~3 standard errors of an accuracy near .63 measured on 1,000 images
+
+
+def test_default_model_accuracy_matches_its_card(default_model_dir, cifar_test_dir):
+    """The shipped model, on a fixed subset (the first 100 test JPEGs of each class, sorted by name): the accuracy of
+    its labels (the card's Hungarian map from clusters to class names) is within 0.05 of the card's test ACC."""
+    card = ModelCard.load(default_model_dir)
+    engine = Engine(default_model_dir / "model.onnx", max_batch=64)
+    classes = sorted(p.name for p in cifar_test_dir.iterdir() if p.is_dir())
+    assert card.class_names is not None and sorted(card.class_names) == classes
+    images, truth = [], []
+    for cls in classes:
+        for path in sorted((cifar_test_dir / cls).glob("*.jpg"))[:ACC_SUBSET_PER_CLASS]:
+            images.append(load_image(path.read_bytes(), engine.input_size))
+            truth.append(cls)
+    labels = [a.label for a in engine.predict(np.stack(images))]
+    accuracy = float(np.mean([label == cls for label, cls in zip(labels, truth, strict=True)]))
+    print(f"\ndefault model: label accuracy {accuracy:.4f} on {len(truth)} images; card ACC {card.metrics.acc:.4f}")
+    assert abs(accuracy - card.metrics.acc) <= ACC_TOLERANCE, (accuracy, card.metrics.acc)
