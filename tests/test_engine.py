@@ -1,6 +1,7 @@
 """serving.core.engine on the tiny contract model (fast) and on the real default model (when exported)."""
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -132,3 +133,45 @@ def test_default_model_accuracy_matches_its_card(default_model_dir, cifar_test_d
     accuracy = float(np.mean([label == cls for label, cls in zip(labels, truth, strict=True)]))
     print(f"\ndefault model: label accuracy {accuracy:.4f} on {len(truth)} images; card ACC {card.metrics.acc:.4f}")
     assert abs(accuracy - card.metrics.acc) <= ACC_TOLERANCE, (accuracy, card.metrics.acc)
+
+
+# ------------------------------------------------------------------------------------- GPU path, checked on CPU
+def test_require_gpu_refuses_on_this_cpu_machine_with_onnxruntimes_reason(tiny_model_dir):
+    """No GPU here: with `require_gpu` the engine refuses to start, and the message carries onnxruntime's own reason
+    (the CUDA library that failed to load) rather than a generic 'no GPU'."""
+    from serving.core.engine import GpuUnavailableError
+
+    with pytest.raises(GpuUnavailableError) as info:
+        Engine(tiny_model_dir / "model.onnx", providers=("cuda", "cpu"), require_gpu=True, warmup=False)
+    message = str(info.value)
+    assert "CUDAExecutionProvider" in message
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # onnxruntime-gpu: the loader's own words
+        assert ".so" in message and ("cannot open shared object file" in message or "FAIL" in message), message
+    else:
+        assert "not in this onnxruntime build" in message
+
+
+def test_fallback_to_cpu_is_logged_at_warning_with_the_reason(tiny_model_dir, caplog, capfd):
+    with caplog.at_level(logging.WARNING, logger="deepclust.engine"):
+        engine = Engine(tiny_model_dir / "model.onnx", providers=("cuda", "cpu"), warmup=False)
+    assert engine.provider == "CPUExecutionProvider"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "CUDAExecutionProvider" in r.message]
+    assert warnings and engine.fallback_reasons["CUDAExecutionProvider"] in warnings[0].message
+    out, err = capfd.readouterr()
+    assert "EP Error" not in out + err and "[E:onnxruntime" not in err  # captured, not sprayed on the terminal
+    cpu_only = Engine(tiny_model_dir / "model.onnx", providers=("cpu",), warmup=False)
+    assert cpu_only.fallback_reasons == {}  # CPU asked for: nothing fell back
+
+
+def test_provider_options_are_chosen_on_purpose():
+    from serving.core.engine import DEFAULT_PROVIDERS, provider_options
+
+    assert DEFAULT_PROVIDERS == ("cuda", "cpu"), "TensorRT only when configured (caches, profiles)"
+    cuda = provider_options("CUDAExecutionProvider", device_id=3)
+    assert cuda == {
+        "device_id": "3",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+    }
+    assert provider_options("CPUExecutionProvider") == {}

@@ -4,6 +4,7 @@ a real Prometheus scraping our metrics, `promtool check metrics`, and the securi
 import base64
 import concurrent.futures
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -176,6 +177,8 @@ def test_metrics_names_and_promtool(service, url, images):
         assert name in text, name
     assert 'deepclust_images_total{outcome="ok"}' in text
     assert f'model="{service.config.model_name}"' in text
+    info = next(line for line in text.splitlines() if line.startswith("deepclust_model_info{"))
+    assert 'provider="cpu"' in info, info  # the provider actually running (no GPU on this machine)
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (make system-deps)")
@@ -391,3 +394,24 @@ def test_predict_cli_against_the_service(service, images, tmp_path):
     assert "cluster" in lines[0] and lines[1]["error"]["code"] == "unsupported_format"
     run = subprocess.run(args[:5] + args[6:], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0
+
+
+def test_require_gpu_refuses_to_start_on_this_cpu_machine(tiny_model_dir, tmp_path):
+    """`require_gpu: true` from a settings file, through the real CLI: no GPU here, so `deepclust serve` exits
+    non-zero before starting TorchServe, naming onnxruntime's reason; nothing listens on the port."""
+    port = free_port()
+    settings = tmp_path / "serve.yaml"
+    settings.write_text(f"serve:\n  require_gpu: true\n  model: {tiny_model_dir}\n  port: {port}\n")
+    env = {**os.environ, "DEEPCLUST_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run(
+        [sys.executable, "-m", "deepclust.cli", "serve", "-c", str(settings)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output
+    assert "require_gpu" in output and "CUDAExecutionProvider" in output, output
+    assert not _reachable(port)
+    assert not (tmp_path / "cache" / "mar").exists(), "the archive was built: the refusal came too late"

@@ -7,7 +7,11 @@ names and metadata come from `serving.core.contract`.
 Provider choice: the configured preference (default TensorRT → CUDA → CPU) is filtered by what onnxruntime lists AND by
 a real session creation, because `onnxruntime-gpu` lists CUDA/TensorRT on machines where their libraries or a GPU are
 missing and then silently falls back. `Engine.provider` reports the provider that actually runs
-(`session.get_providers()[0]`), and the failed attempts are kept quiet (they are expected on a CPU machine).
+(`session.get_providers()[0]`). A failed accelerator is never silent: onnxruntime's own reason (its native log,
+captured from the process's stderr while probing, or the exception) is kept in `Engine.fallback_reasons` and logged
+at WARNING; with `require_gpu=True` the engine refuses to start on CPU (`GpuUnavailableError`, reason included).
+TensorRT is not in the default list: its provider needs libnvinfer (absent from the CUDA runtime image) and, to be
+usable, engine/timing caches and shape profiles that are not configured here.
 Batches larger than `max_batch` are split into chunks (the model has a dynamic batch axis, so no padding is needed).
 """
 
@@ -17,6 +21,8 @@ import contextlib
 import io
 import logging
 import os
+import re
+import tempfile
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -56,16 +62,33 @@ def resolve_providers(preference: Sequence[str]) -> list[str]:
     return resolved
 
 
+DEFAULT_PROVIDERS = ("cuda", "cpu")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class GpuUnavailableError(RuntimeError):
+    """`require_gpu` was set and no GPU provider could run the model; the message carries onnxruntime's reason."""
+
+
 @contextlib.contextmanager
-def _quiet_onnxruntime():
-    """Silence the expected noise of a failed GPU provider (C++ log, Python 'EP Error') while probing."""
-    ort.set_default_logger_severity(4)
+def _capture_onnxruntime(log_lines: list[str]):
+    """Keep a failed provider's messages (onnxruntime's native log on fd 2, Python's 'EP Error') off the terminal but
+    hand them to the caller: they are the reason for the fallback."""
+    ort.set_default_logger_severity(3)
     sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        ort.set_default_logger_severity(2)
+    with tempfile.TemporaryFile() as native:
+        saved = os.dup(2)
+        os.dup2(native.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            ort.set_default_logger_severity(2)
+            native.seek(0)
+            text = native.read().decode("utf-8", "replace") + sink.getvalue()
+            log_lines.extend(line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip())
 
 
 class Engine:
@@ -75,11 +98,13 @@ class Engine:
         self,
         model_path: str | Path,
         *,
-        providers: Sequence[str] = ("tensorrt", "cuda", "cpu"),
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
         intra_op_threads: int = 0,
         max_batch: int = 64,
         warmup: bool = True,
         spin: bool = True,
+        require_gpu: bool = False,
+        device_id: int = 0,
     ) -> None:
         self.model_path = Path(model_path)
         # Busy-waiting intra-op threads are fastest on idle cores but stall when the host shares its cores with other
@@ -90,8 +115,16 @@ class Engine:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.max_batch = max_batch
+        self.device_id = device_id  # the GPU of this worker (TorchServe's gpu_id)
         self.intra_op_threads = intra_op_threads
-        self.session, self.provider = self._open_session(resolve_providers(providers))
+        self.fallback_reasons: dict[str, str] = {}  # accelerator → why it did not run (onnxruntime's words)
+        self.session, self.provider = self._open_session(resolve_providers(providers), providers)
+        if require_gpu and self.provider == "CPUExecutionProvider":
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.fallback_reasons.items())
+            raise GpuUnavailableError(
+                f"require_gpu is set but no GPU provider runs {self.model_path.name} "
+                f"(asked for {list(providers)}): {reasons or 'onnxruntime lists no GPU provider in this build'}"
+            )
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
         self._check_contract()
         self.input_size = self.metadata.input_size
@@ -122,25 +155,34 @@ class Engine:
         options.log_severity_level = 3
         return options
 
-    def _open_session(self, candidates: list[str]) -> tuple[ort.InferenceSession, str]:
-        """Try each accelerator in order with a real session; the first that actually runs wins, CPU last."""
+    def _open_session(self, candidates: list[str], asked: Sequence[str] = ()) -> tuple[ort.InferenceSession, str]:
+        """Try each accelerator in order with a real session; the first that actually runs wins, CPU last. Every
+        accelerator that was asked for but did not run gets its reason recorded and logged at WARNING."""
+        available = set(candidates)
+        for name in asked:
+            full = PROVIDER_NAMES.get(name.lower(), name)
+            if full != "CPUExecutionProvider" and full not in available:
+                self.fallback_reasons[full] = "not in this onnxruntime build (onnxruntime-gpu is needed)"
         for provider in candidates:
             if provider == "CPUExecutionProvider":
                 break
+            lines: list[str] = []
             try:
-                with _quiet_onnxruntime():
+                with _capture_onnxruntime(lines):
                     session = ort.InferenceSession(
                         str(self.model_path),
                         self._session_options(),
-                        providers=[provider, "CPUExecutionProvider"],
+                        providers=[(provider, provider_options(provider, self.device_id)), "CPUExecutionProvider"],
                     )
-            except Exception as exc:  # a provider that cannot start is expected on CPU machines
-                log.debug("provider %s unusable: %s", provider, exc)
+            except Exception as exc:  # noqa: BLE001 - the reason is recorded and logged below
+                self.fallback_reasons[provider] = _reason(lines, str(exc))
                 continue
             running = session.get_providers()[0]
             if running == provider:
                 return session, running
-            log.debug("provider %s listed but not usable here; trying the next one", provider)
+            self.fallback_reasons[provider] = _reason(lines, "listed by onnxruntime but did not start")
+        for provider, why in self.fallback_reasons.items():
+            log.warning("provider %s did not start, running on CPU: %s", provider, why)
         session = ort.InferenceSession(
             str(self.model_path), self._session_options(), providers=["CPUExecutionProvider"]
         )
@@ -202,6 +244,31 @@ class Engine:
             "backbone": self.metadata.backbone,
             "threads": self.intra_op_threads or os.cpu_count(),
         }
+
+
+def _reason(lines: list[str], fallback: str) -> str:
+    """onnxruntime's own words for a failed provider: its error lines (the library that failed to load, the CUDA
+    error), else the exception text."""
+    errors = [line for line in lines if "[E:" in line or "Error" in line or "FAIL" in line]
+    text = " | ".join(errors or lines) or fallback
+    return text[-1500:]
+
+
+def provider_options(provider: str, device_id: int = 0) -> dict[str, str]:
+    """The options handed to onnxruntime for an accelerator, chosen on purpose (unit-tested):
+    - CUDA: `cudnn_conv_algo_search=HEURISTIC` (the default EXHAUSTIVE benchmarks every new input shape on a live
+      request: a latency spike per new batch size after each rollout); the BFCArena grows by what is requested
+      (`kSameAsRequested`), not by powers of two, so several workers share one GPU; `device_id` is the worker's GPU
+      (TorchServe's `gpu_id`); `do_copy_in_default_stream` keeps copies ordered with compute.
+    - others: none."""
+    if provider == "CUDAExecutionProvider":
+        return {
+            "device_id": str(int(device_id)),
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "arena_extend_strategy": "kSameAsRequested",
+            "do_copy_in_default_stream": "1",
+        }
+    return {}
 
 
 def assign(output: EngineOutput, class_names: list[str] | None, top_k: int = 0) -> list[Assignment]:

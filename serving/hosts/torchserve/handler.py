@@ -76,18 +76,22 @@ class DeepclustHandler:
         )
         self.engine = Engine(
             model_file,
-            providers=tuple(config.get("providers", ("tensorrt", "cuda", "cpu"))),
+            providers=tuple(config.get("providers", ("cuda", "cpu"))),
             intra_op_threads=int(config.get("intra_op_threads", 0)),
             max_batch=int(config.get("max_batch", 64)),
             warmup=True,
+            require_gpu=bool(config.get("require_gpu", False)),
+            device_id=int(context.system_properties.get("gpu_id") or 0),
         )
         if config.get("metrics", True):
             from serving.hosts.torchserve.telemetry import ServiceMetrics
 
             self.metrics = ServiceMetrics.get()
             name = config.get("model_name") or context.model_name
-            self.metrics.set_model(name, self.engine.metadata.method, self.engine.k, self.engine.sha256)
-        log.info("deepclust handler ready: %s", json.dumps(self.engine.describe()))
+            provider = self.engine.provider.removesuffix("ExecutionProvider").lower()
+            self.metrics.set_model(name, self.engine.metadata.method, self.engine.k, self.engine.sha256, provider)
+        # WARNING, not INFO: TorchServe copies worker stderr into its own log, which `kubectl logs` shows.
+        log.warning("deepclust handler ready on %s: %s", self.engine.provider, json.dumps(self.engine.describe()))
         self.initialized = True
 
     # ----------------------------------------------------------------------------------------------

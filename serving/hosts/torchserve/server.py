@@ -103,7 +103,8 @@ class ServeConfig(BaseModel):
     batch_size: int = Field(16, ge=1, le=1024, description="TorchServe server-side batch (requests)")
     max_batch_delay_ms: int = Field(10, ge=0, le=10_000)
     response_timeout_s: int = Field(120, ge=1)
-    providers: list[str] = Field(default_factory=lambda: ["tensorrt", "cuda", "cpu"])
+    providers: list[str] = Field(default_factory=lambda: ["cuda", "cpu"], description="TensorRT only if configured")
+    require_gpu: bool = Field(False, description="refuse to start when no GPU provider runs (onnxruntime's reason)")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per worker (0 = all cores)")
     max_batch: int = Field(64, ge=1, description="largest engine batch (images); bigger ones are split")
     max_bytes: int = Field(20 * (1 << 20), ge=1)
@@ -177,6 +178,7 @@ class ServeConfig(BaseModel):
             "model_file": self.model_file.name,
             "model_name": self.model_name,
             "providers": self.providers,
+            "require_gpu": self.require_gpu,
             "intra_op_threads": self.intra_op_threads,
             "max_batch": self.max_batch,
             "max_bytes": self.max_bytes,
@@ -214,6 +216,19 @@ def verify_model(config: ServeConfig) -> ModelCard:
     if resolved.card is None or resolved.file != config.model_file:
         raise ModelStoreError(f"deepclust serve serves a model store folder, not a single file: {config.model}")
     return resolved.card
+
+
+def check_gpu(config: ServeConfig) -> str:
+    """With `require_gpu`, open the model on the configured providers here, before the JVM starts: no GPU provider →
+    `GpuUnavailableError` with onnxruntime's reason, so `deepclust serve` exits at once instead of TorchServe
+    retrying a worker that can never load. The probe session is released before the workers start."""
+    from serving.core.engine import Engine
+
+    engine = Engine(config.model_file, providers=config.providers, require_gpu=True, warmup=False)
+    provider = engine.provider
+    del engine
+    log.warning("require_gpu: %s runs %s", config.model_file.name, provider)
+    return provider
 
 
 def build_archive(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> Path:
@@ -373,6 +388,8 @@ class TorchServeHost:
     def prepare(self) -> Path:
         """Verify the model, build the archive and write the state directory; returns the config file."""
         verify_model(self.config)
+        if self.config.require_gpu:
+            check_gpu(self.config)
         mar = build_archive(self.config, self.handler)
         if self.state.exists():
             for stale in ("key_file.json", "management.sock", "config.properties"):

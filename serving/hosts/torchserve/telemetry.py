@@ -95,7 +95,7 @@ class ServiceMetrics:
         self.model_info = Gauge(
             "deepclust_model_info",
             "The model being served (value 1).",
-            ["model", "method", "k", "sha"],
+            ["model", "method", "k", "sha", "provider"],
             **gauge_kwargs,
         )
 
@@ -106,8 +106,10 @@ class ServiceMetrics:
                 cls._instance = cls()
             return cls._instance
 
-    def set_model(self, model: str, method: str, k: int, sha: str) -> None:
-        self.model_info.labels(model=model, method=method, k=str(k), sha=sha[:12]).set(1)
+    def set_model(self, model: str, method: str, k: int, sha: str, provider: str = "cpu") -> None:
+        """`provider` is the onnxruntime provider actually running (`cuda`, `cpu`, …): a pod that lost its GPU
+        shows `cpu` here."""
+        self.model_info.labels(model=model, method=method, k=str(k), sha=sha[:12], provider=provider).set(1)
 
 
 def prepare_multiprocess_dir(path: str | Path) -> Path:
