@@ -13,6 +13,15 @@ from serving.core.engine import Engine, EngineOutput, assign, resolve_providers
 from serving.core.preprocess import load_image
 
 
+@pytest.fixture
+def pytest_log_handlers_only(monkeypatch):
+    """Earlier tests (CLI runs) may leave a root handler on a stream that is closed now; logging would print its
+    failure, message included, to stderr. Keep only pytest's own capture handlers for the test."""
+    root = logging.getLogger()
+    keep = [h for h in root.handlers if type(h).__module__.startswith("_pytest")]
+    monkeypatch.setattr(root, "handlers", keep)
+
+
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model_dir):
     return Engine(tiny_model_dir / "model.onnx", max_batch=4)
@@ -28,7 +37,7 @@ def test_metadata_and_provider(tiny_engine):
     assert tiny_engine.provider in ort.get_available_providers()
 
 
-def test_gpu_preference_falls_back_quietly(tiny_model_dir, capfd):
+def test_gpu_preference_falls_back_quietly(tiny_model_dir, capfd, pytest_log_handlers_only):
     engine = Engine(tiny_model_dir / "model.onnx", providers=("tensorrt", "cuda", "cpu"), warmup=False)
     out, err = capfd.readouterr()
     if "CUDAExecutionProvider" not in engine.session.get_providers():
@@ -151,7 +160,7 @@ def test_require_gpu_refuses_on_this_cpu_machine_with_onnxruntimes_reason(tiny_m
         assert "not in this onnxruntime build" in message
 
 
-def test_fallback_to_cpu_is_logged_at_warning_with_the_reason(tiny_model_dir, caplog, capfd):
+def test_fallback_to_cpu_is_logged_at_warning_with_the_reason(tiny_model_dir, caplog, capfd, pytest_log_handlers_only):
     with caplog.at_level(logging.WARNING, logger="deepclust.engine"):
         engine = Engine(tiny_model_dir / "model.onnx", providers=("cuda", "cpu"), warmup=False)
     assert engine.provider == "CPUExecutionProvider"
