@@ -6,7 +6,8 @@ Three environments run the same command, alternating, in fresh run and feature-c
 - `make`: the variables the Makefile exports (glibc applies them at process start);
 - `untuned`: `cli` with DEEPCLUST_TUNE_MALLOC=0, i.e. what the CLI did before (glibc's defaults).
 Workloads: `extract` = CC heads on frozen EfficientNet-Lite0 (configs/cifar10_lite0_cc.yaml) with a cold feature
-cache, so the frozen feature passes (160 px) dominate; `train` = a small CNN trained from scratch on Fashion-MNIST.
+cache on a folder of 128 CIFAR-10 test JPEGs, so the frozen feature passes (160 px) dominate; `train` = a small CNN
+trained from scratch on Fashion-MNIST.
 img/s = training images of the subset / wall seconds of the whole command (startup included, the same in each
 environment). Writes benchmarks/results/cli_speed.json.
 
@@ -32,10 +33,10 @@ from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
 DEEPCLUST = Path(sys.executable).parent / "deepclust"
 MAKE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}  # the Makefile's exports
 WORKLOADS = {
-    "extract": (
+    "extract": (  # a folder of 128 CIFAR-10 test JPEGs (frozen passes run over the whole dataset, not a subset)
         "configs/cifar10_lite0_cc.yaml",
-        ["data.subset=256", "data.eval_subset=256", "optim.epochs=1", "data.workers=1"],
-        256,
+        ["data.dataset=folder", "data.root={folder}", "optim.epochs=1", "data.workers=1", "optim.batch_size=64"],
+        128,
     ),
     "train": (
         "configs/fashion_mnist_cc.yaml",
@@ -59,10 +60,25 @@ def environment(kind: str, cache: Path) -> dict[str, str]:
     return env
 
 
+def image_folder(target: Path, n: int = 128) -> Path:
+    """`n` CIFAR-10 test JPEGs (class sub-folders) from the shared data's tar."""
+    import tarfile
+
+    data = Path(os.environ.get("DEEPCLUST_DATA", ROOT.parent / "shared" / "data"))
+    with tarfile.open(data / "cifar10" / "test.tar") as tar:
+        members = [m for m in tar if m.isfile() and m.name.endswith(".jpg")]
+        for member in members[:: max(1, len(members) // n)][:n]:
+            out = target / Path(member.name).parent.name / Path(member.name).name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return target
+
+
 def run_once(workload: str, kind: str) -> float:
     config, overrides, _ = WORKLOADS[workload]
     scratch = Path(tempfile.mkdtemp(prefix=f"cli-speed-{workload}-{kind}-"))
     try:
+        overrides = [o.replace("{folder}", str(image_folder(scratch / "images"))) for o in overrides]
         command = [str(DEEPCLUST), "train", "-c", config, "--out-dir", str(scratch / "runs"), *overrides]
         started = time.perf_counter()
         done = subprocess.run(
