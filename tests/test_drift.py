@@ -155,10 +155,16 @@ def test_mmd_zero_for_identical_samples_and_grows_with_shift():
     same = drift.mmd_rbf(x, rng.normal(size=(200, 16)))
     shifted = drift.mmd_rbf(x, rng.normal(size=(200, 16)) + 0.5)
     assert same < 0.01 < shifted
-    # Bounded: a 2,000-row input is cut to MMD_MAX_SAMPLES rows per side and still runs (and is
-    # deterministic).
+    # Bounded: a 2,000-row input is cut to MMD_MAX_SAMPLES rows per side by a seeded subsample: the figure equals
+    # MMD on exactly those rows (uncapped), and differs from MMD on all 2,000 rows.
     big = rng.normal(size=(2000, 16))
-    assert drift.mmd_rbf(big, big + 0.5) == drift.mmd_rbf(big, big + 0.5)
+    capped = drift.mmd_rbf(big, big + 0.5)
+    pick = np.random.default_rng(0)
+    first = np.sort(pick.choice(2000, size=drift.MMD_MAX_SAMPLES, replace=False))
+    second = np.sort(pick.choice(2000, size=drift.MMD_MAX_SAMPLES, replace=False))
+    assert drift.MMD_MAX_SAMPLES < 2000
+    assert capped == drift.mmd_rbf(big[first], big[second] + 0.5, max_samples=10**9)
+    assert capped != drift.mmd_rbf(big, big + 0.5, max_samples=10**9)
     # Disjoint one-hot embeddings (orthogonal, |x−y|² = 2): MMD² = 1 + 1 − 2·exp(−1) exactly.
     a = np.tile(np.eye(4)[0], (10, 1))
     b = np.tile(np.eye(4)[1], (10, 1))

@@ -160,3 +160,25 @@ def test_train_reports_its_warnings(tmp_path: Path) -> None:
     assert all(set(w) == {"kind", "message"} for w in result["warnings"])
     sizes = result["cluster_sizes"]
     assert sum(sizes.values()) == result["n"]  # evaluation assignments, the input of the collapse check
+
+
+def test_evaluate_command_reports_the_checkpoint_end_to_end(tmp_path: Path) -> None:
+    """`deepclust evaluate RUN` (the real CLI) rebuilds the model through its backbone and reports what the
+    trainer measured on the same split; `--output` writes the full report; a missing run is one error line."""
+    import json
+    import subprocess
+    import sys
+
+    config = load_config(TINY, [f"run.out_dir={tmp_path}", "optim.epochs=1", "run.max_steps_per_epoch=3"])
+    metrics = Trainer(config).fit()
+    report = tmp_path / "report.json"
+    cli = [sys.executable, "-m", "deepclust.cli", "evaluate"]
+    done = subprocess.run([*cli, str(config.run_dir), "-o", str(report)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["split"] == "test" and line["n"] == metrics["n"]
+    assert line["acc"] == pytest.approx(metrics["acc"], abs=1e-9)  # same pre-processing as training's evaluation
+    full = json.loads(report.read_text())
+    assert sum(full["cluster_sizes"].values()) == metrics["n"] and len(full["confusion"]) >= 2
+    missing = subprocess.run([*cli, str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope" in missing.stderr
