@@ -229,13 +229,13 @@ class Trainer:
         base, index = base_and_index(dataset)
         d, m = self.config.data, self.config.model
         backbone = self.model.backbone
-        parts = list(zip(backbone.names, backbone.parts, strict=True)) if isinstance(backbone, MultiSpace) else None
+        multi = isinstance(backbone, MultiSpace)
+        name0 = m.backbone if isinstance(m.backbone, str) else m.backbone[0]
+        spaces = list(zip(backbone.names, backbone.parts, strict=True)) if multi else [(name0, backbone)]
         augment = data_augmentation(d)
         out = []
         for name in names:
             recipe, seed = named_pass(name, d.image_size, augment, strong)
-
-            spaces = parts or [(m.backbone if isinstance(m.backbone, str) else m.backbone[0], backbone)]
             features = [
                 frozen_pass(
                     space,
@@ -246,10 +246,10 @@ class Trainer:
                     backbone=module,
                     workers=d.workers,
                     device=self.device,
-                )  # fmt: skip
+                )
                 for space, module in spaces
             ]
-            full = features[0] if parts is None else MultiSpace.combine([torch.from_numpy(f) for f in features]).numpy()
+            full = MultiSpace.combine([torch.from_numpy(f) for f in features]).numpy() if multi else features[0]
             out.append(full if index is None else full[index])
         return out
 
