@@ -418,25 +418,21 @@ def publish(report: dict[str, Any], config: MonitorConfig) -> list[str]:
     done: list[str] = []
     try:
         if config.pushgateway:
-            registry = build_registry(model, {dataset: figures}, timestamp=now)
-            push_to_gateway(
-                config.pushgateway,
-                job=config.job,
-                registry=registry,
-                grouping_key={"model": model, "dataset": dataset},
-                timeout=15,
-            )
-            done.append(f"pushed to {config.pushgateway} job={config.job} model={model} dataset={dataset}")
+            # One push per grouping key: the sample's figures, then the export baseline (no timestamp) if any.
+            sample = f"pushed to {config.pushgateway} job={config.job} model={model} dataset={dataset}"
+            pushes = [(dataset, build_registry(model, {dataset: figures}, timestamp=now), sample)]
             if export_label:
                 baseline = build_registry(model, {export_label: export})
+                pushes.append((export_label, baseline, f"pushed export baseline dataset={export_label}"))
+            for label, registry, message in pushes:
                 push_to_gateway(
                     config.pushgateway,
                     job=config.job,
-                    registry=baseline,
-                    grouping_key={"model": model, "dataset": export_label},
+                    registry=registry,
+                    grouping_key={"model": model, "dataset": label},
                     timeout=15,
                 )
-                done.append(f"pushed export baseline dataset={export_label}")
+                done.append(message)
         elif config.textfile:
             series = {dataset: figures, **({export_label: export} if export_label else {})}
             registry = build_registry(model, series, timestamp=now)
