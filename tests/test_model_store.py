@@ -83,3 +83,37 @@ def test_metadata_and_card_are_one_schema(tiny_model_dir: Path) -> None:
     assert decode_props(encode_props({"source_sha256": digits}))["source_sha256"] == digits
     with pytest.raises(ValueError, match="class_names"):
         ModelFacts(method="m", k=3, input_size=8, backbone="b", class_names=["a", "b"])
+
+
+def _store_with(tiny_model_dir: Path, root: Path, accs: dict[str, float]) -> Path:
+    """A store of copies of the tiny model whose cards claim the given test ACCs."""
+    for name, acc in accs.items():
+        shutil.copytree(tiny_model_dir, root / name)
+        card = ModelCard.load(root / name)
+        card.metrics.acc = acc
+        card.save(root / name)
+    return root
+
+
+def test_default_model_is_the_most_accurate_fast_enough_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from serving.core.model_store import DEFAULT_MODEL, THROUGHPUT_FILE, default_model_name
+
+    store = _store_with(tiny_model_dir, tmp_path, {"fast": 0.60, "accurate": 0.70, "slow-best": 0.80})
+    assert default_model_name(store) == DEFAULT_MODEL  # nothing measured: the historical default
+    measured = {
+        "machine": "test",
+        "command": "python benchmarks/store.py",
+        "models": {
+            "fast": {"service_img_per_s": 400.0},
+            "accurate": {"service_img_per_s": 120.0},
+            "slow-best": {"service_img_per_s": 60.0},  # most accurate, below the bar
+            "gone": {"service_img_per_s": 900.0},  # measured, then removed from the store
+        },
+    }
+    (store / THROUGHPUT_FILE).write_text(json.dumps(measured))
+    assert default_model_name(store) == "accurate"
+    assert default_model_name(store, min_img_per_s=50.0) == "slow-best"
+    assert default_model_name(store, min_img_per_s=200.0) == "fast"
+    (store / THROUGHPUT_FILE).write_text("{not json")
+    with pytest.raises(ModelStoreError, match="not a valid throughput file"):
+        default_model_name(store)

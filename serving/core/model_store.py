@@ -16,14 +16,17 @@ Every refusal is a `ModelStoreError` (a `ValueError`) whose message says what to
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serving.core.contract import CARD_NAME, VARIANT_FILES, VARIANTS, ModelCard
 
-DEFAULT_MODEL = "cifar10-lite0"
+DEFAULT_MODEL = "cifar10-lite0"  # served when the store has no throughput measurements
+MIN_SERVICE_IMG_PER_S = 100.0  # the slowest service a default may be: a newcomer's `make serve` must not crawl
+THROUGHPUT_FILE = "throughput.json"  # written by `benchmarks/store.py`, beside the model folders
 
 
 class ModelStoreError(ValueError):
@@ -114,3 +117,47 @@ def _verify(card: ModelCard, file: Path) -> None:
         card.verify_file(file)
     except ValueError as exc:
         raise ModelStoreError(str(exc)) from exc
+
+
+class MeasuredModel(BaseModel):
+    """One model's service throughput as measured by `benchmarks/store.py` (its variant, on the machine named)."""
+
+    variant: str = "fp32"
+    service_img_per_s: float
+    acc: float | None = None  # the card's test ACC when measured, repeated for the reader
+
+
+class StoreThroughput(BaseModel):
+    """`model_store/throughput.json`: where and how the store's models were timed, and what each achieved."""
+
+    machine: str
+    command: str
+    commit: str | None = None
+    models: dict[str, MeasuredModel]
+
+
+def default_model_name(store: Path | None = None, *, min_img_per_s: float = MIN_SERVICE_IMG_PER_S) -> str:
+    """The model `deepclust serve` serves when none is named: the most accurate one (card's test ACC) whose measured
+    service throughput is at least `min_img_per_s`; ties go to the faster one.
+
+    Why measured and not guessed from FLOPs: the bar is what a user on this kind of machine gets end to end (decode,
+    resize, the host's batching). Without a `throughput.json`, or when no measured model clears the bar, the
+    historical default `DEFAULT_MODEL` is served (if present), so a fresh store still serves something.
+    """
+    store = store if store is not None else default_model_store()
+    path = store / THROUGHPUT_FILE
+    candidates: list[tuple[float, float, str]] = []
+    if path.is_file():
+        try:
+            measured = StoreThroughput.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ModelStoreError(f"{path} is not a valid throughput file: {exc}") from exc
+        for name, entry in measured.models.items():
+            card = load_card(store / name)
+            if card is None or entry.service_img_per_s < min_img_per_s:
+                continue
+            acc = card.metrics.acc if card.metrics.acc is not None else 0.0
+            candidates.append((acc, entry.service_img_per_s, name))
+    if candidates:
+        return max(candidates)[2]
+    return DEFAULT_MODEL
