@@ -1,13 +1,16 @@
-"""Choose SCAN's self-labelling threshold and learning rate on held-out *training* labels, never on the test set.
+"""Choose SCAN's self-labelling threshold and learning rate without labels.
 
     python benchmarks/selflabel_select.py --config cifar10_lite0_scan.yaml
     python benchmarks/selflabel_select.py --config fashion_mnist_scan.yaml --thresholds 0.99 0.9 --lrs 1e-4
 
-One SCAN run (pretext, mining, clustering: the config's own settings) is shared by every candidate; each candidate
-only self-labels from it. Candidates are ranked by ACC on a fixed, seeded subset of the training split whose labels
-play the part of a small labelled validation set (the rest of training stays label-free; labels never enter a loss).
-Test metrics are recorded beside each candidate for transparency only: the choice reads `holdout_acc` alone.
-Rows go to `benchmarks/results/selflabel_selection.json`.
+One SCAN run (pretext, mining, clustering: the config's own settings; or an existing run given by `--base-run`) is
+shared by every candidate; each candidate only self-labels from it. Candidates are ranked by a label-free criterion,
+TURTLE's generalization score (`training.losses.turtle.generalization_score`, chance-adjusted): how well
+cross-validated linear classifiers on the model's clean training embeddings reproduce the candidate's labelling of a
+fixed, seeded training subset. A labelling that cuts through dense regions of the space is hard to reproduce on
+held-out samples; one that follows its gaps is easy; the chance adjustment keeps a collapsed labelling from winning.
+ACC on the same training subset (`holdout_acc`) and on the test set are recorded beside each candidate as a check
+only: the choice reads `score` alone. Rows go to `benchmarks/results/selflabel_selection.json`.
 """
 
 from __future__ import annotations
@@ -32,18 +35,30 @@ CONFIGS = ROOT / "configs"
 
 
 def holdout_indices(n: int, size: int, seed: int) -> np.ndarray:
-    """The labelled validation subset of the training split: fixed by the seed, so every candidate sees the same."""
+    """The scored subset of the training split: fixed by the seed, so every candidate is scored on the same images."""
     return np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
 
 
-def train_predictions(run_dir: Path, config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(clusters, labels) of the self-labelled model on the whole training split."""
+def train_predictions(run_dir: Path, config: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(clusters, embeddings, labels) of the self-labelled model on the whole training split."""
     from training.trainer import CHECKPOINT_FINAL, Trainer, load_stage_weights
 
     trainer = Trainer(config)
     load_stage_weights(trainer.model, run_dir / "selflabel" / CHECKPOINT_FINAL)
-    probabilities, _, labels = trainer.predict(trainer.train_set)
-    return probabilities.argmax(axis=1), labels
+    probabilities, embedding, labels = trainer.predict(trainer.train_set)
+    return probabilities.argmax(axis=1), embedding, labels
+
+
+def label_free_score(embedding: np.ndarray, clusters: np.ndarray, subset: np.ndarray, seed: int) -> float:
+    """Chance-adjusted generalization score of a labelling on `subset` of the embeddings (no ground truth)."""
+    import torch
+
+    from training.losses.turtle import generalization_score
+
+    x = torch.from_numpy(np.ascontiguousarray(embedding[subset], dtype=np.float32))
+    x = torch.nn.functional.normalize(x, dim=1)
+    y = torch.from_numpy(np.unique(clusters[subset], return_inverse=True)[1])  # dense ids: empty clusters dropped
+    return round(generalization_score([x], y, folds=5, seed=seed, chance_adjusted=True), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a SCAN config in configs/")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.95, 0.9])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-5])
-    parser.add_argument("--holdout", type=int, default=5000, help="labelled training images used for the choice")
+    parser.add_argument("--subset", type=int, default=5000, help="training images scored (labels only as a check)")
+    parser.add_argument("--base-run", type=Path, help="an existing run of the config whose SCAN stages are reused")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "select")
     args = parser.parse_args(argv)
@@ -63,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
     stem = Path(args.config).stem
     common = [f"run.out_dir={args.out_dir}", f"run.seed={args.seed}"]
-    # The shared SCAN run: everything up to clustering, no self-labelling.
+    # The shared SCAN run: everything up to clustering, no self-labelling (or a finished run's stages, reused).
     base = load_config(CONFIGS / args.config, [*common, f"run.name={stem}-base", "method.selflabel_epochs=0"])
+    base_dir = args.base_run if args.base_run is not None else base.run_dir
     started = time.perf_counter()
-    train(base)
+    if args.base_run is None:
+        train(base)
     base_seconds = round(time.perf_counter() - started, 1)
 
     rows: list[dict[str, Any]] = []
-    holdout: np.ndarray | None = None
+    subset: np.ndarray | None = None
     for threshold in args.thresholds:
         for lr in args.lrs:
             name = f"{stem}-t{threshold:g}-lr{lr:g}"
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = config.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             for artifact in ("neighbours.npz", "pretext", "scan"):  # reuse the shared stages: only self-labelling runs
-                source, target = base.run_dir / artifact, run_dir / artifact
+                source, target = base_dir / artifact, run_dir / artifact
                 if source.exists() and not target.exists():
                     (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
             started = time.perf_counter()
@@ -96,19 +114,20 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": seconds,
             }
             if summary["stage"] == "selflabel":
-                clusters, labels = train_predictions(run_dir, config)
-                holdout = holdout_indices(len(labels), args.holdout, args.seed) if holdout is None else holdout
-                report = evaluate_clustering(labels[holdout], clusters[holdout])
-                row.update(holdout_acc=round(report.acc, 4), holdout_n=int(len(holdout)))
+                clusters, embedding, labels = train_predictions(run_dir, config)
+                subset = holdout_indices(len(labels), args.subset, args.seed) if subset is None else subset
+                row["score"] = label_free_score(embedding, clusters, subset, args.seed)
+                report = evaluate_clustering(labels[subset], clusters[subset])  # a check, never read by the choice
+                row.update(holdout_acc=round(report.acc, 4), holdout_n=int(len(subset)))
                 row.update({f"test_{m}": round(float(summary[m]), 4) for m in ("acc", "nmi", "ari")})
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    scored = [r for r in rows if "holdout_acc" in r]
+    scored = [r for r in rows if "score" in r]
     if not scored:
         print("every candidate collapsed", file=sys.stderr)
         return 1
-    best = max(scored, key=lambda r: r["holdout_acc"])
+    best = max(scored, key=lambda r: r["score"])
     scan_only = summary["stages"].get("scan") or {}
     for row in rows:
         row.update(
@@ -119,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             command="python benchmarks/selflabel_select.py " + " ".join(sys.argv[1:] if argv is None else argv),
         )
     write_rows("selflabel_selection", rows, merge_on=("config", "selflabel_threshold", "selflabel_lr"))
-    columns = ["selflabel_threshold", "selflabel_lr", "holdout_acc", "test_acc", "test_nmi", "test_ari", "chosen"]
+    columns = ["selflabel_threshold", "selflabel_lr", "score", "holdout_acc", "test_acc", "test_ari", "chosen"]
     print_table(rows, columns)
-    print(f"chosen on held-out training labels: threshold {best['selflabel_threshold']}, lr {best['selflabel_lr']}")
+    print(f"chosen without labels: threshold {best['selflabel_threshold']}, lr {best['selflabel_lr']}")
     return 0
 
 

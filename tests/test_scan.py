@@ -321,20 +321,20 @@ def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
     np.testing.assert_allclose(p_onnx, expected, atol=1e-4)
 
 
-def test_selflabel_selection_uses_held_out_training_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selflabel_selection_is_label_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark that picks the self-labelling settings: one shared SCAN run, one self-label run per candidate,
-    the choice by ACC on a fixed subset of *training* labels (the results file goes to a temporary directory)."""
+    the choice by the label-free generalization score (ACC on training labels only reported beside it)."""
     import benchmarks.common as common
     from benchmarks import selflabel_select
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
-    argv = ["--config", TINY.name, "--thresholds", "0.5", "0.3", "--lrs", "1e-4", "--holdout", "300"]
+    argv = ["--config", TINY.name, "--thresholds", "0.5", "0.3", "--lrs", "1e-4", "--subset", "300"]
     assert selflabel_select.main([*argv, "--out-dir", str(tmp_path / "runs")]) == 0
     rows = json.loads((tmp_path / "results" / "selflabel_selection.json").read_text())
     assert [(r["selflabel_threshold"], r["selflabel_lr"]) for r in rows] == [(0.5, 1e-4), (0.3, 1e-4)]
     assert sum(r["chosen"] for r in rows) == 1
-    assert next(r for r in rows if r["chosen"])["holdout_acc"] == max(r["holdout_acc"] for r in rows)
-    assert all(r["holdout_n"] == 300 and 0.0 < r["holdout_acc"] <= 1.0 for r in rows)
+    assert next(r for r in rows if r["chosen"])["score"] == max(r["score"] for r in rows)
+    assert all(r["holdout_n"] == 300 and 0.0 < r["holdout_acc"] <= 1.0 and -1.0 <= r["score"] <= 1.0 for r in rows)
     shared = (tmp_path / "runs" / f"{TINY.stem}-base" / "scan" / "log.jsonl").read_bytes()  # wall-clock stamped
     for threshold in ("0.5", "0.3"):
         run = tmp_path / "runs" / f"{TINY.stem}-t{threshold}-lr0.0001"
@@ -343,3 +343,19 @@ def test_selflabel_selection_uses_held_out_training_labels(tmp_path: Path, monke
     subset = selflabel_select.holdout_indices(1000, 300, seed=0)
     assert np.array_equal(subset, selflabel_select.holdout_indices(1000, 300, seed=0))
     assert len(np.unique(subset)) == 300
+
+
+def test_label_free_score_prefers_the_labelling_that_follows_the_gaps() -> None:
+    """On three separated blobs: the blob labelling beats a labelling that cuts through them, and a collapsed one
+    scores 0 (the chance adjustment), so the choice cannot be won by merging clusters."""
+    from benchmarks.selflabel_select import label_free_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 4.0
+    blobs = np.repeat(np.arange(3), 100)
+    embedding = (centres[blobs] + rng.normal(size=(300, 16))).astype(np.float32)
+    cuts = (embedding[:, 0] > np.median(embedding[:, 0])).astype(int) + (embedding[:, 1] > 0)  # ignores the blobs
+    subset = np.arange(300)
+    follows, cutting = label_free_score(embedding, blobs, subset, 0), label_free_score(embedding, cuts, subset, 0)
+    assert follows > 0.95 and follows > cutting + 0.05
+    assert label_free_score(embedding, np.zeros(300, int), subset, 0) == 0.0
