@@ -182,5 +182,84 @@ def test_provider_options_are_chosen_on_purpose():
         "cudnn_conv_algo_search": "HEURISTIC",
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
+        "use_tf32": "0",
     }
     assert provider_options("CPUExecutionProvider") == {}
+    assert provider_options("TensorrtExecutionProvider") == {}
+
+
+def test_cuda_option_names_and_values_exist_in_the_installed_cuda_provider():
+    """The CUDA provider cannot load here (no GPU, no CUDA runtime), so onnxruntime never parses our options on this
+    machine: check every key and value against the strings of the installed onnxruntime-gpu CUDA provider library,
+    where its option parser spells them. A misspelt key (`cudnn_conv_algo`) would fail here, not on the GPU."""
+    import mmap
+    from pathlib import Path
+
+    from serving.core.engine import provider_options
+
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        pytest.skip(f"onnxruntime without the CUDA provider library ({ort.__version__}): nothing to check against")
+    with library.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as text:
+        for key, value in provider_options("CUDAExecutionProvider", device_id=1).items():
+            assert text.find(b"\0" + key.encode() + b"\0") >= 0, f"option {key} unknown to {library.name}"
+            if not value.isdigit():
+                assert text.find(b"\0" + value.encode() + b"\0") >= 0, f"value {value} unknown to {library.name}"
+        assert text.find(b"\0cudnn_conv_algo\0") < 0  # the check can fail: a near miss is not found
+
+
+def test_gpu_sessions_do_not_spin_and_cpu_sessions_follow_the_setting(tiny_engine):
+    """On a GPU provider onnxruntime's CPU threads run only fallback ops: busy-waiting would take decode's cores."""
+    key = "session.intra_op.allow_spinning"
+    assert tiny_engine._session_options("CUDAExecutionProvider").get_session_config_entry(key) == "0"
+    assert tiny_engine._session_options("TensorrtExecutionProvider").get_session_config_entry(key) == "0"
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime raises a plain error for a key that was never set
+        tiny_engine._session_options("CPUExecutionProvider").get_session_config_entry(key)
+
+
+def test_batch_buckets():
+    from serving.core.engine import batch_buckets
+
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert batch_buckets(1) == (1,)
+    with pytest.raises(ValueError):
+        batch_buckets(0)
+
+
+class _ShapeRecorder:
+    """Wraps a session and records the batch size of every run."""
+
+    def __init__(self, session):
+        self.session, self.batches = session, []
+
+    def run(self, names, feeds):
+        self.batches.append(len(feeds["images"]))
+        return self.session.run(names, feeds)
+
+
+def test_padded_batches_give_the_same_answers_and_only_bucket_shapes(tiny_model_dir):
+    """What a GPU engine does (forced on CPU here): every chunk runs at a bucket size, the zero padding never reaches
+    the caller, and the answers equal the unpadded engine's."""
+    images = np.random.default_rng(2).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
+    plain = Engine(tiny_model_dir / "model.onnx", max_batch=16, warmup=False)
+    padded = Engine(tiny_model_dir / "model.onnx", max_batch=16, warmup=False, pad_batches=True)
+    assert plain.buckets == () and padded.buckets == (1, 2, 4, 8, 16)
+    padded.session = _ShapeRecorder(padded.session)
+    for n in (1, 3, 5, 16, 21):
+        got, want = padded.run(images[:n]), plain.run(images[:n])
+        assert got.probabilities.shape == (n, 10) and got.embedding.shape == (n, 16)
+        np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(got.cluster, want.cluster)
+    assert padded.session.batches == [1, 4, 8, 16, 16, 8]  # 21 = 16 + 5 → 16 + 8
+
+
+def test_warmup_covers_every_shape_a_request_can_reach(tiny_model_dir):
+    """Padded: every bucket is warmed, so any batch of 1..max_batch runs at a warmed shape. CPU default: no padding,
+    one warm-up run at the largest batch (unchanged)."""
+    padded = Engine(tiny_model_dir / "model.onnx", max_batch=24, pad_batches=True)
+    assert padded.warmed_batches == [1, 2, 4, 8, 16, 24]
+    assert {padded.padded_size(n) for n in range(1, 25)} <= set(padded.warmed_batches)
+    cpu = Engine(tiny_model_dir / "model.onnx", max_batch=24)
+    assert cpu.provider == "CPUExecutionProvider" and not cpu.pad_batches
+    assert cpu.warmed_batches == [24]

@@ -12,7 +12,14 @@ captured from the process's stderr while probing, or the exception) is kept in `
 at WARNING; with `require_gpu=True` the engine refuses to start on CPU (`GpuUnavailableError`, reason included).
 TensorRT is not in the default list: its provider needs libnvinfer (absent from the CUDA runtime image) and, to be
 usable, engine/timing caches and shape profiles that are not configured here.
-Batches larger than `max_batch` are split into chunks (the model has a dynamic batch axis, so no padding is needed).
+
+Batch shapes: batches larger than `max_batch` are split into chunks. On a GPU provider every chunk is padded up to
+the next of a few fixed sizes (`batch_buckets`: powers of two up to `max_batch`, and `max_batch`) and warm-up runs
+each of them once: the server forms batches of any size from 1 to `max_batch` (several requests, several images
+each), and every new input shape costs cuDNN a convolution-plan setup and the memory arena a new allocation on a live
+request. Seven shapes (for 64) are all warmed in start-up; 64 distinct sizes would be 64 warm-up runs, and padding
+costs at most 2x the arithmetic of a batch that is small anyway. On CPU nothing is padded: the CPU provider has no
+per-shape search and its cost grows with every padded image.
 """
 
 from __future__ import annotations
@@ -63,11 +70,23 @@ def resolve_providers(preference: Sequence[str]) -> list[str]:
 
 
 DEFAULT_PROVIDERS = ("cuda", "cpu")
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class GpuUnavailableError(RuntimeError):
     """`require_gpu` was set and no GPU provider could run the model; the message carries onnxruntime's reason."""
+
+    def __init__(self, message: str, reasons: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = dict(reasons or {})  # accelerator → onnxruntime's reason
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The padded batch sizes on a GPU provider: powers of two below `max_batch`, and `max_batch` itself."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}))
 
 
 @contextlib.contextmanager
@@ -105,6 +124,7 @@ class Engine:
         spin: bool = True,
         require_gpu: bool = False,
         device_id: int = 0,
+        pad_batches: bool | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         # Busy-waiting intra-op threads are fastest on idle cores but stall when the host shares its cores with other
@@ -123,8 +143,13 @@ class Engine:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.fallback_reasons.items())
             raise GpuUnavailableError(
                 f"require_gpu is set but no GPU provider runs {self.model_path.name} "
-                f"(asked for {list(providers)}): {reasons or 'onnxruntime lists no GPU provider in this build'}"
+                f"(asked for {list(providers)}): {reasons or 'onnxruntime lists no GPU provider in this build'}",
+                self.fallback_reasons,
             )
+        # Fixed batch shapes on a GPU (module docstring); `pad_batches` forces it either way (tests, benchmarks).
+        self.pad_batches = self.provider in GPU_PROVIDERS if pad_batches is None else bool(pad_batches)
+        self.buckets = batch_buckets(max_batch) if self.pad_batches else ()
+        self.warmed_batches: list[int] = []
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
         self._check_contract()
         self.input_size = self.metadata.input_size
@@ -137,6 +162,7 @@ class Engine:
                 "k": self.k,
                 "input_size": self.input_size,
                 "max_batch": max_batch,
+                "buckets": list(self.buckets),
             },
         )
         if warmup:
@@ -144,13 +170,15 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------------
     # setup
-    def _session_options(self) -> ort.SessionOptions:
+    def _session_options(self, provider: str = "CPUExecutionProvider") -> ort.SessionOptions:
+        """Session options; on a GPU provider the CPU threads only run a few fallback ops, so they never busy-wait
+        (spinning would take the cores the handler's image decoding needs)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = max(0, int(self.intra_op_threads))
         options.inter_op_num_threads = 1
-        if not self.spin:
+        if not self.spin or provider in GPU_PROVIDERS:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         return options
@@ -171,7 +199,7 @@ class Engine:
                 with _capture_onnxruntime(lines):
                     session = ort.InferenceSession(
                         str(self.model_path),
-                        self._session_options(),
+                        self._session_options(provider),
                         providers=[(provider, provider_options(provider, self.device_id)), "CPUExecutionProvider"],
                     )
             except Exception as exc:  # noqa: BLE001 - the reason is recorded and logged below
@@ -198,9 +226,12 @@ class Engine:
             raise ValueError(f"{self.model_path}: missing outputs {missing} (has {outputs})")
 
     def warmup(self, batch: int | None = None) -> None:
-        """Run once at the largest batch so that the first real request does not pay the allocation cost."""
-        n = min(self.max_batch, batch or self.max_batch)
-        self.run(np.zeros((n, self.input_size, self.input_size, 3), dtype=np.uint8))
+        """Run every batch shape a request can reach, so that no live request pays a shape's first-run cost: each
+        padded size on a GPU (`buckets`), the largest batch on CPU (its allocation). `batch` warms that one size."""
+        sizes = [min(self.max_batch, batch)] if batch else list(self.buckets or (self.max_batch,))
+        for n in sizes:
+            self.run(np.zeros((n, self.input_size, self.input_size, 3), dtype=np.uint8))
+            self.warmed_batches.append(n)
 
     @cached_property
     def sha256(self) -> str:
@@ -225,10 +256,19 @@ class Engine:
         parts = []
         for start in range(0, len(images), self.max_batch):
             chunk = np.ascontiguousarray(images[start : start + self.max_batch])
-            parts.append(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk}))
+            n = len(chunk)
+            padded = self.padded_size(n)
+            if padded > n:  # zero images fill the batch up to its bucket; their outputs are dropped
+                chunk = np.concatenate([chunk, np.zeros((padded - n, *chunk.shape[1:]), np.uint8)])
+            outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
+            parts.append([out[:n] for out in outputs] if padded > n else outputs)
         if len(parts) == 1:
             return EngineOutput(*parts[0])
         return EngineOutput(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+
+    def padded_size(self, n: int) -> int:
+        """The batch size `n` images run at: the smallest bucket that holds them (n itself when not padding)."""
+        return next((b for b in self.buckets if b >= n), n)
 
     def predict(self, images: np.ndarray, top_k: int = 0) -> list[Assignment]:
         return assign(self.run(images), self.metadata.class_names, top_k=top_k)
@@ -240,6 +280,9 @@ class Engine:
             "k": self.k,
             "input_size": self.input_size,
             "max_batch": self.max_batch,
+            "buckets": list(self.buckets),
+            "precision": self.metadata.precision,
+            "device_id": self.device_id if self.provider in GPU_PROVIDERS else None,
             "method": self.metadata.method,
             "backbone": self.metadata.backbone,
             "threads": self.intra_op_threads or os.cpu_count(),
@@ -259,14 +302,20 @@ def provider_options(provider: str, device_id: int = 0) -> dict[str, str]:
     - CUDA: `cudnn_conv_algo_search=HEURISTIC` (the default EXHAUSTIVE benchmarks every new input shape on a live
       request: a latency spike per new batch size after each rollout); the BFCArena grows by what is requested
       (`kSameAsRequested`), not by powers of two, so several workers share one GPU; `device_id` is the worker's GPU
-      (TorchServe's `gpu_id`); `do_copy_in_default_stream` keeps copies ordered with compute.
-    - others: none."""
+      (TorchServe's `gpu_id`); `do_copy_in_default_stream` keeps copies ordered with compute; `use_tf32=0`: the
+      FP32 file computes in FP32 as its export parity check did (TF32 convolutions keep 10 mantissa bits; the
+      fast GPU variant is the FP16 file, whose agreement the export measures).
+    - TensorRT (only when asked for; not in the default list): no options, so no engine cache and no shape profiles.
+    - others: none.
+    Every key and value is a string of the onnxruntime-gpu build's CUDA provider (a test reads them from its
+    library)."""
     if provider == "CUDAExecutionProvider":
         return {
             "device_id": str(int(device_id)),
             "cudnn_conv_algo_search": "HEURISTIC",
             "arena_extend_strategy": "kSameAsRequested",
             "do_copy_in_default_stream": "1",
+            "use_tf32": "0",
         }
     return {}
 
