@@ -17,6 +17,13 @@ request never fails its neighbours.
 
 Configuration comes from the `deepclust serve` parent through the `DEEPCLUST_HANDLER_CONFIG` environment variable
 (JSON), so that the archive does not change when only a runtime setting does.
+
+On a GPU: the worker's GPU is TorchServe's `gpu_id` (handed round-robin over the GPUs, so `workers` = 2 x GPUs gives
+two workers per GPU); `variant: "auto"` opens the FP16 file on a GPU provider and the FP32 file on CPU
+(`serving.core.variants`). The images of a batch are decoded by `decode_threads` threads (Pillow releases the GIL
+while decoding and resizing); by default one on CPU, where onnxruntime's threads already take the cores, and
+`intra_op_threads` on a GPU provider, where those threads are idle. With several workers per GPU, one worker's
+decoding also runs while another's batch is on the GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from serving.core.contract import VARIANT_FILES
-from serving.core.engine import Engine, assign
+from serving.core.engine import GPU_PROVIDERS, Engine, assign
 from serving.core.model_store import resolve_model
 from serving.core.preprocess import DecodeLimits, ImageError, load_image
 from serving.core.results import Assignment, ItemError
@@ -62,27 +70,22 @@ class DeepclustHandler:
         self.engine: Engine | None = None
         self.metrics = None
         self.limits = DecodeLimits()
+        self.decode_threads = 1
+        self._decode_pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------------
     # initialize
     def initialize(self, context: Any) -> None:
         config = json.loads(os.environ.get(CONFIG_ENV) or "{}")
         model_dir = Path(context.system_properties.get("model_dir"))
-        # The archive holds the model file and its card: the same resolver as every host refuses a changed file.
-        model_file = resolve_model(model_dir / config.get("model_file", VARIANT_FILES["fp32"])).file
         self.limits = DecodeLimits(
             max_bytes=int(config.get("max_bytes", DecodeLimits.max_bytes)),
             max_pixels=int(config.get("max_pixels", DecodeLimits.max_pixels)),
         )
-        self.engine = Engine(
-            model_file,
-            providers=tuple(config.get("providers", ("cuda", "cpu"))),
-            intra_op_threads=int(config.get("intra_op_threads", 0)),
-            max_batch=int(config.get("max_batch", 64)),
-            warmup=True,
-            require_gpu=bool(config.get("require_gpu", False)),
-            device_id=int(context.system_properties.get("gpu_id") or 0),
-        )
+        self.engine = self.open_engine(config, model_dir, context.system_properties.get("gpu_id"))
+        self.decode_threads = decode_threads(config, self.engine.provider)
+        if self.decode_threads > 1:
+            self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         if config.get("metrics", True):
             from serving.hosts.torchserve.telemetry import ServiceMetrics
 
@@ -91,8 +94,29 @@ class DeepclustHandler:
             provider = self.engine.provider.removesuffix("ExecutionProvider").lower()
             self.metrics.set_model(name, self.engine.metadata.method, self.engine.k, self.engine.sha256, provider)
         # WARNING, not INFO: TorchServe copies worker stderr into its own log, which `kubectl logs` shows.
-        log.warning("deepclust handler ready on %s: %s", self.engine.provider, json.dumps(self.engine.describe()))
+        described = {**self.engine.describe(), "decode_threads": self.decode_threads}
+        log.warning("deepclust handler ready on %s: %s", self.engine.provider, json.dumps(described))
         self.initialized = True
+
+    @staticmethod
+    def open_engine(config: dict[str, Any], model_dir: Path, gpu_id: Any) -> Engine:
+        """The engine of this worker: on the GPU TorchServe gave it (`gpu_id`, None without GPUs → 0), on the file
+        the config names, or the variant `auto` picks among the files in the archive. The archive holds the files
+        and their card: the same resolver as every host refuses a changed file."""
+        options: dict[str, Any] = {
+            "providers": tuple(config.get("providers", ("cuda", "cpu"))),
+            "intra_op_threads": int(config.get("intra_op_threads", 0)),
+            "max_batch": int(config.get("max_batch", 64)),
+            "warmup": True,
+            "require_gpu": bool(config.get("require_gpu", False)),
+            "device_id": int(gpu_id or 0),
+        }
+        if config.get("variant") == "auto":
+            from serving.core.variants import open_engine
+
+            return open_engine(model_dir, "auto", **options)
+        model_file = resolve_model(model_dir / config.get("model_file", VARIANT_FILES["fp32"])).file
+        return Engine(model_file, **options)
 
     # ----------------------------------------------------------------------------------------------
     # preprocess
@@ -105,19 +129,32 @@ class DeepclustHandler:
         body_types = body_types or [None] * len(requests)
         parsed = [self.parse_request(request, kind) for request, kind in zip(requests, body_types, strict=True)]
         size = self.engine.input_size
+        todo = [(r, i) for r, request in enumerate(parsed) for i, item in enumerate(request.items)]
+        todo = [(r, i) for r, i in todo if not isinstance(parsed[r].items[i], ItemError)]
+        decoded = self._decode_all([parsed[r].items[i] for r, i in todo], size)
         arrays: list[np.ndarray] = []
         where: list[tuple[int, int]] = []
-        for r, request in enumerate(parsed):
-            for i, item in enumerate(request.items):
-                if isinstance(item, ItemError):
-                    continue
-                try:
-                    arrays.append(load_image(item, size, self.limits))
-                    where.append((r, i))
-                except ImageError as exc:
-                    request.items[i] = ItemError.of(exc.code, exc.message)
+        for (r, i), result in zip(todo, decoded, strict=True):
+            if isinstance(result, ImageError):
+                parsed[r].items[i] = ItemError.of(result.code, result.message)
+            else:
+                arrays.append(result)
+                where.append((r, i))
         batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
         return parsed, batch, where
+
+    def _decode_all(self, items: list[bytes], size: int) -> list[np.ndarray | ImageError]:
+        """Decode + resize every image, on the decode threads when there are several; results in input order."""
+
+        def decode(data: bytes) -> np.ndarray | ImageError:
+            try:
+                return load_image(data, size, self.limits)
+            except ImageError as exc:
+                return exc
+
+        if self._decode_pool is None or len(items) < 2:
+            return [decode(item) for item in items]
+        return list(self._decode_pool.map(decode, items))
 
     def parse_request(self, request: dict, body_type: str | None = None) -> ParsedRequest:
         parsed = ParsedRequest()
@@ -227,6 +264,17 @@ class DeepclustHandler:
                     m.images.labels(outcome="ok").inc()
                     m.cluster_assignments.labels(cluster=str(item["cluster"])).inc()
                     m.confidence.observe(item["confidence"])
+
+
+def decode_threads(config: dict[str, Any], provider: str) -> int:
+    """Threads decoding one batch: `decode_threads` when set (> 0); otherwise the worker's onnxruntime thread count
+    on a GPU provider (those CPU threads are idle there) and 1 on CPU (onnxruntime's threads take the cores)."""
+    asked = int(config.get("decode_threads", 0) or 0)
+    if asked > 0:
+        return asked
+    if provider in GPU_PROVIDERS:
+        return max(1, int(config.get("intra_op_threads", 0) or 0) or 1)
+    return 1
 
 
 def _body_type(context: Any, idx: int) -> str | None:
