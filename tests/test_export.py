@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,14 @@ from training.config import load_config
 from training.data.datasets import create_dataset
 from training.export import (
     FLOAT_PREFIX_CONVS,
+    FP16_MIN_AGREEMENT,
     INT8_MIN_AGREEMENT,
     PARITY_MAX_ABS,
     ExportError,
     _fold_pads,
     check_parity,
     export_checkpoint,
+    measure_fp16,
     quantize_int8,
     require_parity,
     uint8_images,
@@ -108,6 +111,31 @@ def test_fp16_variant_keeps_io_types_and_agrees(exported: Path) -> None:
     ref = Engine(exported / "model.onnx", warmup=False).run(images)
     assert out.probabilities.dtype == np.float32 and out.cluster.dtype == np.int64
     assert np.abs(out.probabilities - ref.probabilities).max() < 5e-3
+
+
+def test_fp16_gate_names_its_provider_and_is_unmeasured_without_a_gpu(exported: Path) -> None:
+    """No GPU here: the FP16 agreement was measured on CPU (a check of the conversion), so the card and the file's
+    metadata say the GPU agreement is unmeasured, and the file's `agreement_vs_fp32` (on the provider that serves
+    it) is null rather than the CPU figure."""
+    card = ModelCard.load(exported)
+    gate = card.model_extra["fp16_gate"]
+    assert gate["provider"] == "CPUExecutionProvider" and gate["gpu"] == "unmeasured"
+    assert "unmeasured on a GPU" in gate["note"] and "benchmarks/gpu.py" in gate["note"]
+    assert gate["agreement_vs_fp32"] >= FP16_MIN_AGREEMENT and gate["n"] == 360
+    assert card.files["model.fp16.onnx"].agreement_vs_fp32 is None
+    meta = Engine(exported / "model.fp16.onnx", warmup=False).metadata
+    assert meta.precision == "fp16" and meta.agreement_vs_fp32 is None
+    assert json.loads(meta.model_extra["fp16_gate"]) == gate
+
+
+def test_fp16_gate_refuses_a_variant_that_serves_other_clusters(exported: Path) -> None:
+    """The gate compares with the FP32 probabilities: against a reference whose argmax is shifted by one cluster it
+    must refuse, on whichever provider measured."""
+    images = uint8_images(create_dataset("digits", "test"), 8)[:100]
+    reference = Engine(exported / "model.onnx", warmup=False).run(images).probabilities
+    assert measure_fp16(exported / "model.fp16.onnx", images, reference).agreement >= FP16_MIN_AGREEMENT
+    with pytest.raises(ExportError, match="FP16 argmax agreement"):
+        measure_fp16(exported / "model.fp16.onnx", images, np.roll(reference, 1, axis=1))
 
 
 def test_broken_graph_fails_parity(exported: Path, trained_run: Path, tmp_path: Path) -> None:
