@@ -1,11 +1,13 @@
-"""`deepclust serve`: serve a model from the store with TorchServe behind a small HTTP front (what `make serve` runs).
+"""`deepclust serve`: serve a model from the store behind our HTTP front (what `make serve` runs).
 
-The front (serving/hosts/torchserve/front.py) owns the inference port: plain `curl --data-binary @cat.jpg http://127.0.0.1:8080/
-predictions/cifar10-lite0` works, bodies above `--max-request-bytes` get a 413, and it measures end-to-end latency.
+Two backends behind the same front (serving/hosts/serve/front.py, aiohttp), the same API, metrics and security:
+`--backend torchserve` (the default: TorchServe's Java frontend and Python workers) or `--backend engine` (the front
+runs the onnxruntime engine in its own worker processes, no JVM). The front owns the inference port: plain
+`curl --data-binary @cat.jpg http://127.0.0.1:8080/predictions/cifar10-lite0` works, bodies above
+`--max-request-bytes` get a 413, it measures end-to-end latency and serves the Open Inference Protocol (`/v2/...`).
 
-Settings come from an optional YAML file (`--config`, keys of `serving.hosts.torchserve.server.ServeConfig`,
-optionally under a `serve:` key) and the options below override it. The implementation is imported lazily (no torch
-needed).
+Settings come from an optional YAML file (`--config`, keys of `serving.hosts.serve.config.ServeConfig`, optionally
+under a `serve:` key) and the options below override it. The implementation is imported lazily (no torch needed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import typer
 
 
 def command(
+    backend: str = typer.Option(
+        None, "--backend", help="torchserve (default: TorchServe, Java) | engine (our own worker processes, no JVM)."
+    ),
     model: str = typer.Option(
         None, "--model", "-m", help="Model folder name in the store (default cifar10-lite0) or a path."
     ),
@@ -32,7 +37,7 @@ def command(
     token_auth: str = typer.Option(
         None, "--token-auth", help="auto (default: off only when every API is on loopback) | on | off."
     ),
-    workers: int = typer.Option(None, "--workers", help="TorchServe workers (default 1)."),
+    workers: int = typer.Option(None, "--workers", help="Worker processes running the engine (default 1)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Server-side batch size in requests (default 16)."),
     max_batch_delay_ms: int = typer.Option(None, "--max-batch-delay-ms", help="Server-side batch delay (default 10)."),
     intra_op_threads: int = typer.Option(
@@ -42,17 +47,18 @@ def command(
         None, "--max-request-bytes", help="Largest request body the HTTP front accepts (default 100 MiB; 413 above)."
     ),
 ) -> None:
-    """Serve a clustering model over HTTP (TorchServe + onnxruntime); Ctrl-C stops it."""
+    """Serve a clustering model over HTTP (onnxruntime on TorchServe or on our own workers); Ctrl-C stops it."""
     from deepclust.extras import require
 
     require("serve")
     from pydantic import ValidationError
 
-    from serving.hosts.torchserve.server import ServeConfig, serve_forever
+    from serving.hosts.serve.config import ServeConfig
 
     try:
         settings = ServeConfig.load(
             config,
+            backend=backend,
             model=model,
             model_store=model_store,
             variant=variant,
@@ -75,6 +81,10 @@ def command(
         from serving.core.runtime import available_cpus
 
         settings = settings.model_copy(update={"intra_op_threads": max(1, available_cpus() // settings.workers)})
+    if settings.backend == "engine":
+        from serving.hosts.engine_backend.host import serve_forever
+    else:
+        from serving.hosts.torchserve.server import serve_forever
     try:
         code = serve_forever(settings, echo=typer.echo)
     except (FileNotFoundError, ValueError) as exc:  # missing model, sha mismatch with the card

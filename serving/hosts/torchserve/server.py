@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
@@ -55,149 +54,21 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from serving.core.contract import CARD_NAME, ModelCard, Variant, sha256_file
-from serving.core.model_store import (
-    DEFAULT_MODEL,
-    ModelStoreError,
-    ResolvedModel,
-    default_model_store,
-    model_folder,
-    resolve_model,
-    variant_file,
+from serving.core.contract import CARD_NAME, sha256_file
+from serving.hosts.serve.config import (  # noqa: F401 - re-exported: callers import them from here
+    ServeConfig,
+    _is_loopback,
+    _url_host,
+    check_gpu,
+    default_cache_dir,
+    verify_model,
 )
 
 log = logging.getLogger("deepclust.serve")
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")  # copied into the .mar archive by torch-model-archiver
 TS_SHIM = Path(__file__).resolve().with_name("ts_shim")  # the torch stand-in for TorchServe's worker
 INTERNAL_TOKEN_MINUTES = 100 * 365 * 24 * 60  # TorchServe's keys when only the front uses them: never expire
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("DEEPCLUST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "deepclust"
-
-
-class ServeConfig(BaseModel):
-    """Everything `deepclust serve` needs; loadable from YAML, overridable from the command line."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = Field(DEFAULT_MODEL, description="folder name in the model store (also the URL's model name)")
-    model_store: Path = Field(default_factory=default_model_store)
-    variant: Variant = "fp32"
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    management: Literal["off", "loopback"] = "off"
-    management_port: int = Field(8081, ge=1, le=65535)
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(8082, ge=1, le=65535, description="deepclust Prometheus metrics (histograms)")
-    torchserve_metrics_port: int = Field(8083, ge=1, le=65535, description="TorchServe's own metrics API")
-    token_auth: Literal["auto", "on", "off"] = "auto"  # noqa: S105 - a mode, not a secret
-    token_expiration_min: int = Field(60 * 24 * 30, ge=1)
-    workers: int = Field(1, ge=1, le=16)
-    batch_size: int = Field(16, ge=1, le=1024, description="TorchServe server-side batch (requests)")
-    max_batch_delay_ms: int = Field(10, ge=0, le=10_000)
-    response_timeout_s: int = Field(120, ge=1)
-    providers: list[str] = Field(default_factory=lambda: ["cuda", "cpu"], description="TensorRT only if configured")
-    require_gpu: bool = Field(False, description="refuse to start when no GPU provider runs (onnxruntime's reason)")
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per worker (0 = all cores)")
-    max_batch: int = Field(64, ge=1, description="largest engine batch (images); bigger ones are split")
-    max_bytes: int = Field(20 * (1 << 20), ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_request_bytes: int = Field(
-        100 * (1 << 20), ge=1, description="largest request body the HTTP front accepts (413 above)"
-    )
-    max_header_bytes: int = Field(64 * 1024, ge=1024, le=1 << 20, description="largest request head (431 above)")
-    read_timeout_s: float = Field(30, gt=0, description="time to receive a request head and its body (408)")
-    keepalive_timeout_s: float = Field(75, gt=0, description="idle time before a client connection is closed")
-    backend_port: int = Field(
-        0, ge=0, le=65535, description="TorchServe's internal inference port on 127.0.0.1 (0 = a free one)"
-    )
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-    log_dir: Path | None = None
-    startup_timeout_s: float = Field(180, gt=0)
-    java: str = "java"
-    jvm_heap: str = "512m"
-
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> ServeConfig:
-        ports = [self.port, self.metrics_port, self.torchserve_metrics_port]
-        if self.backend_port:
-            ports.append(self.backend_port)
-        if self.management == "loopback":
-            ports.append(self.management_port)
-        if len(set(ports)) != len(ports):
-            raise ValueError(f"the inference, management and metrics ports must differ: {ports}")
-        return self
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> ServeConfig:
-        """YAML file (optional) + overrides (None values ignored)."""
-        data: dict[str, Any] = {}
-        if path:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: expected a mapping of serve settings")
-            data.update(loaded.get("serve", loaded))
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
-
-    # ----------------------------------------------------------------------------------------------- derived
-    @property
-    def model_dir(self) -> Path:
-        return model_folder(self.model, self.model_store)
-
-    @property
-    def model_name(self) -> str:
-        return self.model_dir.name
-
-    @property
-    def model_file(self) -> Path:
-        return variant_file(self.model_dir, self.variant)
-
-    @property
-    def auth_enabled(self) -> bool:
-        if self.token_auth != "auto":  # noqa: S105 - a mode, not a secret
-            return self.token_auth == "on"  # noqa: S105
-        return not (_is_loopback(self.host) and _is_loopback(self.metrics_host))
-
-    @property
-    def base_url(self) -> str:
-        # A wildcard bind is reached on its own family's loopback: asyncio binds "::" IPv6-only (IPV6_V6ONLY), so
-        # 127.0.0.1 would never answer and `--host ::` never got ready.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # noqa: S104 - not a bind
-        return f"http://{_url_host(host)}:{self.port}"
-
-    def handler_config(self) -> dict[str, Any]:
-        return {
-            "model_file": self.model_file.name,
-            "model_name": self.model_name,
-            "providers": self.providers,
-            "require_gpu": self.require_gpu,
-            "intra_op_threads": self.intra_op_threads,
-            "max_batch": self.max_batch,
-            "max_bytes": self.max_bytes,
-            "max_pixels": self.max_pixels,
-            "metrics": True,
-        }
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 # ------------------------------------------------------------------------------------------------ archive
@@ -208,27 +79,6 @@ def archive_stamp(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes() if path.suffix != ".onnx" else sha256_file(path).encode())
     return digest.hexdigest()[:16]
-
-
-def verify_model(config: ServeConfig) -> ModelCard:
-    """Refuse to serve a model that is missing or whose file differs from its card (`ModelStoreError`; exit 2)."""
-    resolved: ResolvedModel = resolve_model(config.model_dir, config.variant)
-    if resolved.card is None or resolved.file != config.model_file:
-        raise ModelStoreError(f"deepclust serve serves a model store folder, not a single file: {config.model}")
-    return resolved.card
-
-
-def check_gpu(config: ServeConfig) -> str:
-    """With `require_gpu`, open the model on the configured providers here, before the JVM starts: no GPU provider →
-    `GpuUnavailableError` with onnxruntime's reason, so `deepclust serve` exits at once instead of TorchServe
-    retrying a worker that can never load. The probe session is released before the workers start."""
-    from serving.core.engine import Engine
-
-    engine = Engine(config.model_file, providers=config.providers, require_gpu=True, warmup=False)
-    provider = engine.provider
-    del engine
-    log.warning("require_gpu: %s runs %s", config.model_file.name, provider)
-    return provider
 
 
 def build_archive(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> Path:
@@ -426,8 +276,8 @@ class TorchServeHost:
 
     def environment(self) -> dict[str, str]:
         from serving.core.runtime import allocator_environment
+        from serving.hosts.serve.telemetry import MULTIPROC_ENV
         from serving.hosts.torchserve.handler import CONFIG_ENV
-        from serving.hosts.torchserve.telemetry import MULTIPROC_ENV
 
         env = allocator_environment(dict(os.environ))  # glibc reads it when each Python worker starts
         env.update(
@@ -450,13 +300,14 @@ class TorchServeHost:
     def start(self) -> None:
         """Start order: metrics endpoint, HTTP front (binds the public port: a busy port fails before the JVM
         starts; it answers 502 until TorchServe is up), then TorchServe."""
-        from serving.hosts.torchserve.front import Front, settings_from
-        from serving.hosts.torchserve.telemetry import (
+        from serving.hosts.serve.front import Front, settings_from
+        from serving.hosts.serve.telemetry import (
             FrontMetrics,
             multiprocess_registry,
             prepare_multiprocess_dir,
             start_metrics_server,
         )
+        from serving.hosts.torchserve.front import TorchServeBackend
 
         properties = self.prepare()
         self._token = None  # a new TorchServe process writes new keys
@@ -466,7 +317,8 @@ class TorchServeHost:
         self.metrics_server = start_metrics_server(
             self.config.metrics_host, self.config.metrics_port, self.multiproc_dir, registry
         )
-        self.front = Front(settings_from(self.config, self.backend_port, self.inference_token), front_metrics)
+        backend = TorchServeBackend(self.backend_port, self.config.model_name, self.inference_token)
+        self.front = Front(settings_from(self.config, self.inference_token), backend, front_metrics)
         self.front.start()
         stdout = open(self.log_dir / "torchserve.out", "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
@@ -480,43 +332,45 @@ class TorchServeHost:
         stdout.close()
 
     def wait_ready(self) -> None:
-        """Block until the model answers (a warm-up prediction passes) or raise with the log tail."""
+        """Block until the model answers a real prediction (the warm-up, which makes the front's `/ping` ready) or
+        raise with the log tail."""
         deadline = time.monotonic() + self.config.startup_timeout_s
-        url = f"{self.config.base_url}/ping"
-        models_ready = False
+        ping = f"http://127.0.0.1:{self.backend_port}/ping"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited during start-up:\n{self.log_tail()}")
             try:
-                # With token authorization on, TorchServe 0.12 refuses even /ping without the key (400): send it
-                # (empty until TorchServe has written the key file). Without this, `--token-auth on` never got ready.
-                ping = urllib.request.Request(url, headers=self.auth_headers())  # noqa: S310 - our own URL
-                with urllib.request.urlopen(ping, timeout=2) as response:  # noqa: S310 - our own URL
-                    models_ready = json.loads(response.read()).get("status") == "Healthy"
+                # TorchServe refuses even /ping without its key (400): send it (empty until the key file exists).
+                request = urllib.request.Request(ping, headers=self.auth_headers())  # noqa: S310 - our own URL
+                with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 - our own URL
+                    healthy = json.loads(response.read()).get("status") == "Healthy"
             except (urllib.error.URLError, OSError, ValueError):
-                models_ready = False
-            if models_ready and self._model_answers():
+                healthy = False
+            if healthy and self._model_answers():
                 if self.key_file.exists():
                     os.chmod(self.key_file, 0o600)
+                self.front.mark_ready()
                 return
             time.sleep(0.3)
         raise TimeoutError(f"TorchServe not ready after {self.config.startup_timeout_s}s:\n{self.log_tail()}")
 
     def _model_answers(self) -> bool:
-        """Healthy /ping only says the frontend is up: the model is ready once it judges a real request. Sent to
-        TorchServe's internal port so that it does not show up in the front's request metrics."""
+        """Healthy /ping only says the frontend is up (it counts a starting worker as running): the model is ready
+        once it has answered a real prediction (a small PNG) with a cluster. Sent to TorchServe's internal port so
+        that it does not show up in the front's request metrics."""
+        from serving.hosts.serve.front import warmup_image
+
         request = urllib.request.Request(  # noqa: S310 - our own http URL
             f"http://127.0.0.1:{self.backend_port}/predictions/{self.config.model_name}",
-            data=b"{}",
+            data=warmup_image(),
             method="POST",
-            headers={"Content-Type": "application/json", **self.auth_headers()},
+            headers={"Content-Type": "image/png", **self.auth_headers()},
         )
         try:
-            with urllib.request.urlopen(request, timeout=5):  # noqa: S310
-                return True
-        except urllib.error.HTTPError as exc:
-            return exc.code == 400  # our handler's bad_request: the worker is up
-        except (urllib.error.URLError, OSError):
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                answer = json.loads(response.read())
+            return isinstance(answer, list) and "cluster" in answer[0]
+        except (urllib.error.URLError, OSError, ValueError, IndexError, TypeError):
             return False
 
     def auth_headers(self) -> dict[str, str]:
