@@ -458,6 +458,80 @@ def test_gpu_only_in_the_gpu_overlay(objects, overlay):
             assert "tolerations" not in spec and "nodeSelector" not in spec
     cron = pod_spec(one(objects, "CronJob"))
     assert "nvidia.com/gpu" not in cron["containers"][0]["resources"]["limits"], "the monitor needs no GPU"
+    env = {e["name"]: e.get("value") for e in cron["containers"][0].get("env", [])}
+    if overlay == "gpu":  # the CUDA image sets NVIDIA_VISIBLE_DEVICES=all: without this it would see every GPU
+        assert env.get("NVIDIA_VISIBLE_DEVICES") == "void"
+        assert "tolerations" not in cron and "runtimeClassName" not in cron
+
+
+def test_gpu_rollout_never_waits_for_a_spare_gpu(objects, overlay):
+    """GPU: no surge pod (it would need a free GPU and stay Pending when all are taken); one old pod stops first.
+    The PDB allows one unavailable pod and the HPA keeps at least two, so one pod keeps serving meanwhile."""
+    rolling = one(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    pdb = one(objects, "PodDisruptionBudget")["spec"]
+    if overlay == "gpu":
+        assert rolling == {"maxSurge": 0, "maxUnavailable": 1}
+    else:
+        assert rolling == {"maxSurge": 1, "maxUnavailable": 0}
+    assert pdb["maxUnavailable"] >= rolling["maxUnavailable"]
+    assert one(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] > rolling["maxUnavailable"]
+
+
+GPU_ONLY_KEYS = {"require_gpu", "workers"}
+
+
+def test_gpu_serve_config_is_the_base_one_plus_gpu_keys():
+    """The GPU overlay replaces serve.yaml (a ConfigMap key cannot be merged key by key): every setting other than
+    the GPU-only ones must equal the base file's, so a change made in one file only fails here."""
+    base = yaml.safe_load((K8S / "base" / "config" / "serve.yaml").read_text())
+    gpu = yaml.safe_load((K8S / "overlays" / "gpu" / "config" / "serve.yaml").read_text())
+    drifted = {k for k in set(base) | set(gpu) if k not in GPU_ONLY_KEYS and base.get(k) != gpu.get(k)}
+    assert not drifted, f"k8s/overlays/gpu/config/serve.yaml differs from the base file in {sorted(drifted)}"
+    assert gpu["require_gpu"] is True and "require_gpu" not in base
+
+
+def test_serve_settings_fit_the_overlay(objects, overlay):
+    """GPU: refuse to start without a GPU, several workers per GPU, their decode threads within the CPU request.
+    Both: CUDA then CPU, no TensorRT (not in the image, not configured)."""
+    container = pod_spec(one(objects, "Deployment"))["containers"][0]
+    config = _serve_config(objects, container)
+    assert config.providers == ["cuda", "cpu"]
+    requests = container["resources"]["requests"]
+    if overlay == "gpu":
+        assert config.require_gpu is True
+        assert config.workers >= 2, "one worker leaves the GPU idle while it decodes"
+        assert config.workers * config.intra_op_threads <= quantity(requests["cpu"]), "decode threads > CPU request"
+    else:
+        assert config.require_gpu is False
+        assert config.workers * config.intra_op_threads <= quantity(container["resources"]["limits"]["cpu"])
+
+
+def test_runtime_class_component_patches_only_the_gpu_pods(tmp_path):
+    """`k8s/components/nvidia-runtime` on top of the GPU overlay: runtimeClassName on the serving and labelling pods,
+    not on the evaluation CronJob; the result still validates strictly."""
+    import os
+
+    overlay = tmp_path / "gpu-with-runtime-class"
+    overlay.mkdir()
+    to = lambda path: os.path.relpath(path, overlay)  # noqa: E731 - kustomize refuses absolute paths
+    overlay.joinpath("kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [to(K8S / "overlays" / "gpu")],
+                "components": [to(K8S / "components" / "nvidia-runtime")],
+            }
+        )
+    )
+    result = subprocess.run([_tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert pod_spec(one(objects, "Deployment"))["runtimeClassName"] == "nvidia"
+    assert pod_spec(one(objects, "Job"))["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in pod_spec(one(objects, "CronJob"))
+    for obj in pod_templates(objects):
+        validate_object(obj, K8S_VERSIONS[0])
 
 
 # --- the service: probes, auth, ports, config ----------------------------------------------------------------
