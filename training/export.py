@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -290,6 +291,30 @@ def _correct_biases(prepared: Path, quantized: Path, out: Path, calibration: np.
     onnx.save(proto, str(out))
 
 
+def _float_prefix_nodes(graph: onnx.GraphProto, float_prefix: int) -> list[str]:
+    """Nodes that stay FP32 so that the first `float_prefix` convolutions *of each backbone* run in float.
+
+    Everything of a backbone up to its last float Conv stays float (its Adds too, else their Q/DQ would feed the next
+    float Conv). Several frozen backbones (`MultiSpace`) are exported one after the other, so a prefix counted over
+    the whole graph would keep one backbone float and quantize the rounding-sensitive stem of the next: each part
+    (`/parts.N/` in the node names) gets its own prefix.
+    """
+    groups: dict[str | None, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Conv":
+            match = re.search(r"/parts\.\d+/", node.name)
+            groups.setdefault(match.group(0) if match else None, []).append(index)
+    names: list[str] = []
+    if None not in groups and groups:  # several parts: the shared pre-processing before them stays float too
+        first = min(i for i, n in enumerate(graph.node) if "/parts." in n.name)
+        names += [n.name for n in graph.node[:first]]
+    for part, convs in groups.items():
+        cut = convs[: min(float_prefix, len(convs) - 1)]  # at least the last Conv is quantized, or it is no INT8
+        if cut:
+            names += [n.name for n in graph.node[: cut[-1] + 1] if part is None or part in n.name]
+    return names
+
+
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, float_prefix: int = 5) -> Path:
     """Static QDQ INT8 (per-channel weights, MinMax activations, bias-corrected), calibrated on real training images;
     pre/post-processing, shape arithmetic, the head and the first `float_prefix` convolutions stay FP32."""
@@ -306,10 +331,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, floa
         # Never quantize shape arithmetic: rounded pad amounts (cast back to int64) shifted or dropped the padding,
         # which was the 0.8 agreement / 60 % embedding error of the earlier recipes.
         excluded += _shape_nodes(graph)
-        # Everything up to the last float Conv (its Adds too, else their Q/DQ would feed the next float Conv).
-        convs = [i for i, n in enumerate(graph.node) if n.op_type == "Conv"]
-        cut = convs[: min(float_prefix, len(convs) - 1)]  # at least the last Conv is quantized, or it is no INT8 graph
-        excluded += [n.name for n in graph.node[: cut[-1] + 1]] if cut else []
+        excluded += _float_prefix_nodes(graph, float_prefix)
 
         def quantize(model: Path) -> None:
             reader = _Calibration(calibration)
