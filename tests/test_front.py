@@ -1,7 +1,7 @@
-"""The HTTP front (`serving.hosts.torchserve.front`) against a real stdlib HTTP backend that echoes what it
-received, and against a closed port: content-type rewrite, chunked uploads, limits, 502, keep-alive, metrics. Real
-sockets, real `curl`.
-The same front in front of a real TorchServe is tested in test_service.py."""
+"""The HTTP front (`serving.hosts.serve.front`, aiohttp) with its TorchServe backend (`serving.hosts.torchserve.front`,
+aiohttp's client) against a real stdlib HTTP server that echoes what it received, and against a closed port:
+content-type rewrite, chunked uploads, limits (413, 431, 400), 502, keep-alive, metrics, readiness, routes. Real
+sockets, real `curl`. Both backends behind the same front on a real model: tests/test_api.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pytest
 from conftest import free_port
 from prometheus_client import CollectorRegistry
 
-from serving.hosts.torchserve.front import Front, FrontSettings, outcome_of
-from serving.hosts.torchserve.telemetry import FrontMetrics
+from serving.hosts.serve.front import Front, FrontSettings, outcome_of
+from serving.hosts.serve.telemetry import FrontMetrics
+from serving.hosts.torchserve.front import TorchServeBackend
 
 CURL = shutil.which("curl")
 
@@ -45,6 +46,7 @@ class _Echo(BaseHTTPRequestHandler):
             "length": len(body),
             "head": body[:8].hex(),
             "connection_id": id(self.connection),
+            "authorization": self.headers.get("Authorization"),
         }
         payload = json.dumps([seen] if "error" not in self.path else [{"error": {"code": "x", "message": "y"}}])
         data = payload.encode()
@@ -83,14 +85,17 @@ def front(backend, metrics):
     settings = FrontSettings(
         host="127.0.0.1",
         port=free_port(),
-        backend_host="127.0.0.1",
-        backend_port=backend,
+        model_name="m",
         max_request_bytes=100_000,
         max_header_bytes=4096,
         read_timeout_s=5,
     )
-    with Front(settings, metrics[1]) as running:
+    with Front(settings, _backend(backend), metrics[1]) as running:
         yield running
+
+
+def _backend(port: int) -> TorchServeBackend:
+    return TorchServeBackend(port, "m", token=lambda: "backend-key")
 
 
 def _url(front, path="/predictions/m"):
@@ -114,11 +119,14 @@ def test_plain_curl_data_binary_reaches_the_backend_as_octet_stream(front, tmp_p
     assert seen["method"] == "POST" and seen["expect"] is None
 
 
-def test_other_content_types_and_paths_are_left_alone(front):
+def test_other_content_types_are_left_alone_and_other_paths_never_reach_the_backend(front):
     seen = json.loads(_curl("-H", "Content-Type: image/png", "--data-binary", "abc", _url(front)))[0]
     assert seen["content_type"] == "image/png"
-    seen = json.loads(_curl("--data-binary", "a=b", _url(front, "/other")))[0]
-    assert seen["content_type"] == "application/x-www-form-urlencoded"  # only prediction uploads are rewritten
+    out = _curl("-w", "\n%{http_code}", "--data-binary", "a=b", _url(front, "/other"))
+    body, status = out.rsplit("\n", 1)
+    assert status == "404" and json.loads(body)["error"]["code"] == "not_found"  # not forwarded: an allow-list
+    out = _curl("-w", "\n%{http_code}", "--data-binary", "a=b", _url(front, "/predictions/another-model"))
+    assert out.rsplit("\n", 1)[1] == "404"
 
 
 def test_chunked_upload_is_dechunked(front, tmp_path):
@@ -164,10 +172,10 @@ def test_header_limit_and_malformed_requests(front):
     assert out.rsplit("\n", 1)[1] == "431"
     with socket.create_connection(("127.0.0.1", front.settings.port), timeout=5) as sock:
         sock.sendall(b"POST /predictions/m HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
-        assert sock.recv(1000).startswith(b"HTTP/1.1 400 ")
+        assert sock.recv(1000).split(b"\r\n")[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.0 400 Bad Request")
     with socket.create_connection(("127.0.0.1", front.settings.port), timeout=5) as sock:
         sock.sendall(b"garbage\r\n\r\n")
-        assert sock.recv(1000).startswith(b"HTTP/1.1 400 ")
+        assert sock.recv(1000).split(b"\r\n")[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.0 400 Bad Request")
 
 
 def test_keep_alive_several_requests_on_one_connection(front):
@@ -178,13 +186,39 @@ def test_keep_alive_several_requests_on_one_connection(front):
         response = conn.getresponse()
         seen = json.loads(response.read())[0]
         assert response.status == 200 and seen["length"] == n + 1
-        assert response.getheader("Connection") == "keep-alive"
+        assert response.getheader("Connection") != "close"  # HTTP/1.1: keep-alive unless said otherwise
         ids.add(seen["connection_id"])
     local = conn.sock.getsockname()
-    conn.request("GET", "/ping")
+    conn.request("GET", "/v2/health/live")
     assert conn.getresponse().read() and conn.sock.getsockname() == local  # still the same client connection
     conn.close()
     assert len(ids) <= 2, "the front should reuse its backend connection"
+
+
+def test_the_backend_gets_its_key_never_the_clients_header(front):
+    seen = json.loads(_curl("-H", "Authorization: Bearer client", "--data-binary", "abc", _url(front)))[0]
+    assert seen["authorization"] == "Bearer backend-key"
+
+
+def test_ping_is_503_until_a_prediction_succeeds(backend):
+    """Readiness (Kubernetes): a started front whose model has not answered yet is not ready."""
+    settings = FrontSettings(host="127.0.0.1", port=free_port(), model_name="m")
+    with Front(settings, _backend(backend)) as front:
+        for path in ("/ping", "/v2/health/ready", "/v2/models/m/ready"):
+            out = _curl("-w", "\n%{http_code}", _url(front, path))
+            assert out.rsplit("\n", 1)[1] == "503", path
+        assert _curl("-o", "/dev/null", "-w", "%{http_code}", _url(front, "/v2/health/live")) == "200"
+        assert _curl("-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "x", _url(front, "/predictions/m?error"))
+        assert _curl("-o", "/dev/null", "-w", "%{http_code}", _url(front, "/ping")) == "503"  # an error is not ready
+        _curl("--data-binary", "x", _url(front))  # a good answer
+        assert _curl("-o", "/dev/null", "-w", "%{http_code}", _url(front, "/ping")) == "200"
+        assert _curl("-o", "/dev/null", "-w", "%{http_code}", _url(front, "/v2/health/ready")) == "200"
+
+
+def test_slow_body_is_408(front):
+    with socket.create_connection(("127.0.0.1", front.settings.port), timeout=20) as sock:
+        sock.sendall(b"POST /predictions/m HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        assert sock.recv(1000).startswith(b"HTTP/1.1 408 ")  # read_timeout_s = 5
 
 
 def test_metrics_count_prediction_requests_end_to_end(front, metrics):
@@ -192,7 +226,7 @@ def test_metrics_count_prediction_requests_end_to_end(front, metrics):
     before = registry.get_sample_value("deepclust_request_duration_seconds_count") or 0
     ok_before = registry.get_sample_value("deepclust_requests_total", {"outcome": "ok"}) or 0
     _curl("--data-binary", "abc", _url(front))
-    _curl("--data-binary", "abc", _url(front, "/predictions/error"))
+    _curl("--data-binary", "abc", _url(front, "/predictions/m?error"))
     _curl(_url(front, "/ping"))  # not a prediction: not counted
     assert registry.get_sample_value("deepclust_request_duration_seconds_count") == before + 2
     assert registry.get_sample_value("deepclust_requests_total", {"outcome": "ok"}) == ok_before + 1
@@ -202,8 +236,8 @@ def test_metrics_count_prediction_requests_end_to_end(front, metrics):
 
 def test_backend_down_is_502_json_and_the_connection_survives():
     registry = CollectorRegistry()
-    settings = FrontSettings(host="127.0.0.1", port=free_port(), backend_host="127.0.0.1", backend_port=free_port())
-    with Front(settings, FrontMetrics(registry)):
+    settings = FrontSettings(host="127.0.0.1", port=free_port(), model_name="m")
+    with Front(settings, _backend(free_port()), FrontMetrics(registry)):
         conn = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=10)
         for _ in range(2):
             conn.request("POST", "/predictions/m", body=b"img")
@@ -216,9 +250,9 @@ def test_backend_down_is_502_json_and_the_connection_survives():
 
 def test_a_busy_port_fails_at_start_and_stop_releases_the_port(backend):
     port = free_port()
-    settings = FrontSettings(host="127.0.0.1", port=port, backend_host="127.0.0.1", backend_port=backend)
-    with Front(settings), pytest.raises(OSError):
-        Front(settings).start()
+    settings = FrontSettings(host="127.0.0.1", port=port)
+    with Front(settings, _backend(backend)), pytest.raises(OSError):
+        Front(settings, _backend(backend)).start()
     with socket.socket() as sock:  # released after stop
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))

@@ -122,6 +122,20 @@ class FrontState:
 STATE: web.AppKey[FrontState] = web.AppKey("state", FrontState)
 
 
+class _ClientFaults(logging.Filter):
+    """aiohttp logs a malformed request (a client's fault, answered 400) at ERROR with a traceback: a hostile client
+    could flood the log. Those records are dropped; anything else aiohttp logs stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
+logging.getLogger("aiohttp.server").addFilter(_ClientFaults())
+
+
 # ------------------------------------------------------------------------------------------------ middlewares
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -148,6 +162,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             response.force_close()  # the client is slow or gone: do not wait for the rest of its body
     except web.HTTPException as exc:  # aiohttp's own (405 for a wrong method, …): same JSON shape
         response = error_response(exc.status, _CODES.get(exc.status, "bad_request"), exc.reason)
+    except (asyncio.CancelledError, ConnectionError):
+        raise  # the client went away
+    except Exception:  # noqa: BLE001 - one bad request must not take the front down
+        log.exception("front: unexpected error on %s %s", request.method, request.path[:200])
+        response = error_response(500, "server_error", "internal error (logged)")
     if counted and state.metrics is not None:
         body = response.body if isinstance(response, web.Response) else None
         state.metrics.observe(time.perf_counter() - started, outcome_of(response.status, body))
@@ -322,6 +341,7 @@ class Front:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self.loop = loop
             try:
                 loop.run_until_complete(self._listen())
@@ -337,6 +357,11 @@ class Front:
                 loop.run_forever()
             finally:
                 loop.run_until_complete(self._cleanup())
+                pending = asyncio.all_tasks(loop)  # connection handlers aiohttp's cleanup left behind
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
                 loop.close()
 
         self.thread = threading.Thread(target=run, name="deepclust-front", daemon=True)
