@@ -5,7 +5,9 @@
 Torch eager runs in its best configuration measured here (glibc malloc tuned, inference_mode); the
 script re-executes itself with that environment when it is missing, so the baseline is never the slow default.
 All runtimes see the same real CIFAR-10 test images (uint8, serving pre-processing) and the same thread count.
-Rows: `{runtime, batch, images_per_s, agreement, gflops_per_s, share_of_fp32_peak, commit, machine}` in
+The ONNX rows run on `--providers` (default `cpu`, this machine's comparison with torch on CPU); each row names the
+provider that actually ran. On a GPU, `benchmarks/gpu.py` is the benchmark (variants, batches, service, memory).
+Rows: `{runtime, batch, images_per_s, agreement, provider, gflops_per_s, share_of_fp32_peak, commit, machine}` in
 `benchmarks/results/engine.json`; agreement is the argmax agreement with torch eager on all benchmark images; the
 arithmetic rate is img/s x the FP32 graph's GFLOP per image (Conv/Gemm/MatMul), beside a matmul measured in the run.
 """
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=512, help="real test images used (and for agreement)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--min-seconds", type=float, default=5.0)
+    parser.add_argument("--providers", nargs="+", default=["cpu"], help="onnxruntime providers of the ONNX rows")
     parser.add_argument(
         "--int8-candidate",
         type=Path,
@@ -150,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         files["ort_int8"] = _with_store_metadata(args.int8_candidate, args.model / "model.onnx")
         notes["ort_int8"] = f"candidate {args.int8_candidate.name}, not in the store (below the 99% agreement gate)"
     runtimes = {"torch_eager": eager}
+    provider_of = {"torch_eager": "torch CPU"}
     for name, path in files.items():
         if path.exists():
-            engine = Engine(path, providers=["cpu"], intra_op_threads=args.threads, max_batch=256)
+            engine = Engine(path, providers=args.providers, intra_op_threads=args.threads, max_batch=256)
             runtimes[name] = lambda batch, engine=engine: engine.run(batch).probabilities
+            provider_of[name] = engine.provider
 
     reference = np.concatenate([eager(images[i : i + 64]) for i in range(0, len(images), 64)]).argmax(1)
     rows = []
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             ips = throughput(predict, images, batch, args.min_seconds, min_images=2 * batch)
             row = {"runtime": name, "batch": batch, "images_per_s": round(ips, 1), "agreement": round(agreement, 4)}
+            row["provider"] = provider_of[name]
             if name in notes:
                 row["note"] = notes[name]
             rows.append({**row, "threads": args.threads, **provenance()})
