@@ -2,8 +2,10 @@
 k-means, per space and for their concatenation, with the one-off extraction time of each space.
 
     python benchmarks/spaces.py --spaces effnet_lite0 effnet_lite1 effnet_lite2
+    python benchmarks/spaces.py --dataset fashion_mnist --spaces effnet_lite0 effnet_lite2
 
-Protocol: features of CIFAR-10 at 160 px (serving pre-processing), fit on the train split, scored on the test split.
+Protocol: features at 160 px (serving pre-processing: grey images are repeated to RGB and upsampled, as served), fit
+on the train split, scored on the test split (CIFAR-10 by default).
 The probe uses labels (it is the ceiling, not a clustering method); k-means does not. Rows go to
 `benchmarks/results/quality.json` (`method` = linear-probe | kmeans).
 """
@@ -28,12 +30,15 @@ from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
 BASE_CONFIG = ROOT / "configs" / "cifar10_spaces_turtle.yaml"
 
 
-def features(spaces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def features(
+    spaces: list[str], dataset: str = "cifar10", extra: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """(train features, train labels, test features, test labels, seconds) of the clean pass of `spaces` (cached)."""
     from training.config import load_config
     from training.trainer import Trainer
 
-    config = load_config(BASE_CONFIG, [f"model.backbone={json.dumps(spaces)}", "run.out_dir=/tmp/deepclust-spaces"])
+    overrides = [f"model.backbone={json.dumps(spaces)}", f"data.dataset={dataset}", "run.out_dir=/tmp/deepclust-spaces"]
+    config = load_config(BASE_CONFIG, [*overrides, *(extra or [])])
     trainer = Trainer(config)
     started = time.perf_counter()
     x_train = trainer.cached_passes(trainer.train_set, ["clean"])[0]
@@ -70,22 +75,24 @@ def kmeans(x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spaces", nargs="+", default=["effnet_lite0", "effnet_lite1", "effnet_lite2"])
+    parser.add_argument("--dataset", default="cifar10", help="a registered dataset with train and test splits")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (e.g. data.subset=1000)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python benchmarks/spaces.py " + " ".join(sys.argv[1:] if argv is None else argv)
     combos = [[s] for s in args.spaces] + ([args.spaces] if len(args.spaces) > 1 else [])
     rows: list[dict[str, Any]] = []
     for combo in combos:
-        x_train, y_train, x_test, y_test, seconds = features(combo)
+        x_train, y_train, x_test, y_test, seconds = features(combo, args.dataset, args.overrides)
         common = {
-            "dataset": "cifar10",
+            "dataset": args.dataset,
             "train_split": "train",
             "split": "test",
             "backbone": "+".join(combo) + "-frozen",
             "seed": args.seed,
             "config": BASE_CONFIG.name,
-            "overrides": [f"model.backbone={combo}"],
+            "overrides": [f"model.backbone={combo}", f"data.dataset={args.dataset}", *args.overrides],
             **provenance(),
             "command": command,
         }
