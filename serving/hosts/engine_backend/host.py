@@ -48,7 +48,7 @@ class EngineBackend:
         await self.pool.close()
 
     async def predict(self, request: web.Request, body: bytes) -> web.Response:
-        args = (body, request.headers.get("Content-Type"), request.query.get("top_k"))
+        args = (body, request.headers.get("Content-Type"))
         parsed = await _maybe_thread(parse_request, len(body) > BIG_BODY, *args)
         if parsed.request_error is not None:
             return json_response([{"error": {"code": "bad_request", "message": parsed.request_error}}], 400)

@@ -8,7 +8,6 @@ requests against both backends and compares):
   is the option, any other text field is a per-item `bad_request`; a body with no part, a part without a name or a
   missing boundary is a request error. Parsed with python-multipart (the parser Starlette uses), not by hand;
 - any other body (`curl --data-binary`: form-encoded, untyped, `image/*`, …): the raw bytes are one image;
-- `?top_k=n` in the query string as well.
 A request error becomes a 400 with a one-item error list; per-item problems are decided by the decoder in the worker.
 """
 
@@ -53,12 +52,11 @@ def parse_top_k(value: Any) -> int:
     return top_k
 
 
-def parse_request(body: bytes, content_type: str | None, query_top_k: str | None = None) -> ParsedRequest:
+def parse_request(body: bytes, content_type: str | None) -> ParsedRequest:
     """One HTTP request body → its images; never raises (a problem is a request error or a per-item error)."""
     parsed = ParsedRequest()
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     try:
-        parsed.top_k = parse_top_k(query_top_k)
         if kind == "application/json":
             _parse_json(body, parsed)
         elif kind == "multipart/form-data":
