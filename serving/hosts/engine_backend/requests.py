@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+# python-multipart logs every malformed body (a client's fault, answered 400) at WARNING: a hostile client could
+# flood the log with it.
+logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
 OPTION_KEYS = {"top_k"}
 MAX_TOP_K = 20
 
