@@ -1,15 +1,19 @@
-"""Load test: the service vs the bare engine vs a plain torch-eager TorchServe handler, on real CIFAR-10 JPEGs.
+"""Load test: the service on each backend vs the bare engine (vs a plain torch-eager TorchServe handler), on real
+CIFAR-10 JPEGs.
 
-Closed-loop clients on loopback (TCP_NODELAY, keep-alive, one raw image per request) for a bounded time per level.
-The engine rows run decode + resize + onnxruntime in-process on batches of the same images (`concurrency` is then
-the batch size): the ceiling the service should approach. Target: service >= 0.8 x the engine's best images/s, 0 errors.
+Closed-loop clients on loopback (TCP_NODELAY, keep-alive, one raw image per request) for a bounded time per level,
+in their own process. The engine rows run decode + resize + onnxruntime on batches of the same images in another
+process (`concurrency` is then the batch size): the ceiling the service should approach. Targets (issue #21):
+service / bare engine at its best batch >= 0.9 on the engine backend, >= 0.85 on the TorchServe backend, 0 errors.
 
-    .venv/bin/python benchmarks/serve_load.py                   # default model, a few minutes
-    .venv/bin/python benchmarks/serve_load.py --seconds 5 --concurrency 1 8
-`service` rows go through the HTTP front of `deepclust serve` (serving/hosts/torchserve/front.py), as every client does;
-`--direct` adds `torchserve_direct` rows on TorchServe's internal port (same server, no front) to show the front's
-overhead.
-Writes benchmarks/results/serve_load.json (rows: target, concurrency, images_per_s, p50_ms, p99_ms, errors, ...).
+    .venv/bin/python benchmarks/serve_load.py --skip-eager       # both backends, default model, a few minutes
+    .venv/bin/python benchmarks/serve_load.py --backend engine --seconds 5 --concurrency 1 8
+`service` rows (with their `backend`) go through the HTTP front of `deepclust serve` (serving/hosts/serve/front.py),
+as every client does; `--direct` adds `torchserve_direct` rows on TorchServe's internal port (same server, no front)
+to show the front's overhead. Each service row carries the peak RSS during its level: the backend's processes (the
+JVM and its workers, or the engine workers) and the process hosting the front (this one).
+Writes benchmarks/results/serve_load.json (rows: target, backend, concurrency, images_per_s, p50_ms, p99_ms, errors,
+rss_*_mb, ...).
 """
 
 from __future__ import annotations
@@ -35,7 +39,31 @@ from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
 from serving.client import Client  # noqa: E402
 from serving.core.engine import Engine  # noqa: E402
 from serving.core.preprocess import load_image  # noqa: E402
-from serving.hosts.torchserve.server import ServeConfig, TorchServeHost  # noqa: E402
+from serving.hosts.serve.config import ServeConfig  # noqa: E402
+from serving.hosts.torchserve.server import TorchServeHost  # noqa: E402
+
+
+def make_host(config: ServeConfig, handler: Path | None = None):
+    if config.backend == "engine":
+        from serving.hosts.engine_backend.host import EngineHost
+
+        return EngineHost(config)
+    return TorchServeHost(config, handler=handler) if handler else TorchServeHost(config)
+
+
+def backend_rss(host) -> dict[str, int]:
+    """RSS in bytes of the backend's processes (JVM + its Python workers, or the engine workers) and of this
+    process (the front's thread, the metrics endpoint)."""
+    import psutil
+
+    if host.config.backend == "engine":
+        procs = [psutil.Process(pid) for pid in host.worker_pids()]
+        out = {"workers": sum(p.memory_info().rss for p in procs)}
+    else:
+        jvm = psutil.Process(host.process.pid)
+        out = {"jvm": jvm.memory_info().rss, "workers": sum(p.memory_info().rss for p in jvm.children(recursive=True))}
+    out["front_process"] = psutil.Process().memory_info().rss
+    return out
 
 
 def load_images(n: int) -> list[bytes]:
@@ -128,7 +156,7 @@ def run_level(base_url: str, model_name: str, token, images, concurrency: int, s
     return latencies, counters["images"], counters["errors"], time.perf_counter() - start
 
 
-def bench_http(target, host: TorchServeHost, images, levels, seconds, base_url: str | None = None) -> list[dict]:
+def bench_http(target, host, images, levels, seconds, base_url: str | None = None) -> list[dict]:
     """Through the HTTP front (`base_url` None) or straight to TorchServe's internal port (`base_url` given)."""
     rows = []
     args = (base_url or host.config.base_url, host.config.model_name, host.inference_token(), images)
@@ -137,8 +165,18 @@ def bench_http(target, host: TorchServeHost, images, levels, seconds, base_url: 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pool.apply(run_level, (*args, max(levels), min(3.0, seconds)))  # warm-up, not recorded
         for concurrency in levels:
-            latencies, good, errors, elapsed = pool.apply(run_level, (*args, concurrency, seconds))
-            rows.append(summarise(target, concurrency, latencies, good, errors, elapsed))
+            pending = pool.apply_async(run_level, (*args, concurrency, seconds))
+            peak: dict[str, int] = {}
+            while not pending.ready():  # the peak RSS during the level, sampled twice a second
+                for key, value in backend_rss(host).items():
+                    peak[key] = max(peak.get(key, 0), value)
+                pending.wait(0.5)
+            latencies, good, errors, elapsed = pending.get()
+            rss = {f"rss_{k}_mb": round(v / 2**20, 1) for k, v in peak.items()}
+            rss["rss_total_mb"] = round(sum(peak.values()) / 2**20, 1)
+            rows.append(
+                summarise(target, concurrency, latencies, good, errors, elapsed, backend=host.config.backend, **rss)
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -160,7 +198,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=32, help="TorchServe server-side batch")
+    parser.add_argument("--backend", nargs="+", default=["torchserve", "engine"], choices=["torchserve", "engine"])
+    parser.add_argument("--batch-size", type=int, default=32, help="server-side batch (requests), either backend")
     parser.add_argument("--max-batch-delay-ms", type=int, default=5)
     parser.add_argument("--skip-eager", action="store_true")
     parser.add_argument(
@@ -173,8 +212,9 @@ def main() -> None:
     images = load_images(args.images)
     cache = Path(tempfile.mkdtemp(prefix="serve-load-"))
 
-    def config():
+    def config(backend: str = "torchserve"):
         return ServeConfig(
+            backend=backend,
             model=args.model,
             variant=args.variant,
             port=_free_port(),
@@ -188,22 +228,34 @@ def main() -> None:
 
     rows = []
     first = config()
-    rows += bench_engine(first.model_file, images, args.batches, args.seconds)
-    with TorchServeHost(first) as host:
-        rows += bench_http("service", host, images, args.concurrency, args.seconds)
-        if args.direct:
-            direct = f"http://127.0.0.1:{host.backend_port}"
-            rows += bench_http("torchserve_direct", host, images, args.concurrency, args.seconds, direct)
+    # The bare engine in its own process, so that this process (which hosts the front) measures as the service's.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        rows += pool.apply(bench_engine, (first.model_file, images, args.batches, args.seconds))
+    for backend in args.backend:
+        with make_host(config(backend)) as host:
+            rows += bench_http("service", host, images, args.concurrency, args.seconds)
+            if args.direct and backend == "torchserve":
+                direct = f"http://127.0.0.1:{host.backend_port}"
+                rows += bench_http("torchserve_direct", host, images, args.concurrency, args.seconds, direct)
     if not args.skip_eager:
-        with TorchServeHost(config(), handler=ROOT / "benchmarks" / "eager_handler.py") as host:
+        with make_host(config(), handler=ROOT / "benchmarks" / "eager_handler.py") as host:
             rows += bench_http("eager_handler", host, images, args.concurrency, args.seconds)
+    run_id = provenance()["commit"] + time.strftime("@%Y-%m-%dT%H:%M:%S")
     for row in rows:
-        row.update(model=Path(args.model).name, variant=args.variant, server_batch=args.batch_size)
+        row.update(model=Path(args.model).name, variant=args.variant, server_batch=args.batch_size, run=run_id)
+        row["command"] = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     path = write_rows("serve_load", rows)
-    print_table(rows, ["target", "concurrency", "images_per_s", "p50_ms", "p99_ms", "errors"])
+    print_table(
+        rows, ["target", "backend", "concurrency", "images_per_s", "p50_ms", "p99_ms", "errors", "rss_total_mb"]
+    )
     best_engine = max(r["images_per_s"] for r in rows if r["target"] == "engine")
-    best_service = max((r["images_per_s"] for r in rows if r["target"] == "service"), default=0)
-    print(f"service/engine = {best_service / best_engine:.2f} (target >= 0.8); results: {path}")
+    targets = {"engine": 0.9, "torchserve": 0.85}
+    for backend in args.backend:
+        service = [r for r in rows if r["target"] == "service" and r.get("backend") == backend]
+        best = max((r["images_per_s"] for r in service), default=0)
+        errors = sum(r["errors"] for r in service)
+        print(f"{backend}: service/engine = {best / best_engine:.2f} (target >= {targets[backend]}), {errors} errors")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,26 @@
-"""Soak: the service at >= 80 % of its measured maximum throughput for >= 10 minutes, on loopback.
+"""Soak: the service at 85 % of its measured maximum throughput for 10 minutes, on loopback, on each backend.
 
-1. start `deepclust serve`'s host (TorchServe + the HTTP front, the shipped defaults) on free loopback ports;
+1. start `deepclust serve`'s host (`--backend torchserve`: TorchServe + the HTTP front; `--backend engine`: the front +
+   engine worker processes; the shipped defaults otherwise) on free loopback ports;
 2. find the maximum throughput briefly: closed-loop clients (keep-alive, TCP_NODELAY, one real CIFAR-10 JPEG per
    request) at a few concurrency levels, the best images/s wins;
 3. soak: the same clients, paced to `--fraction` (default 0.85) of that maximum, for `--minutes` (default 10);
-   every minute: requests, errors, images/s, p50/p99 latency, and the server's RSS (the JVM + its Python workers +
-   this process, which hosts the front thread and the metrics endpoint).
-Target: 0 errors and RSS growth < 10 % (last minute vs the first minute, i.e. after warm-up).
+   every minute: requests, errors, images/s, p50/p99 latency, and the server's RSS (the JVM + its Python workers, or
+   the engine workers, + this process, which hosts the front thread and the metrics endpoint).
+Target (issue #21): 0 errors and RSS growth < 5 % (last minute vs the first minute, i.e. after warm-up).
 
-    nohup .venv/bin/python benchmarks/soak.py > /tmp/soak.log 2>&1 &     # ~12-13 minutes, default model
-    .venv/bin/python benchmarks/soak.py --minutes 1 --probe-seconds 5    # a quick check
+    nohup .venv/bin/python benchmarks/soak.py > /tmp/soak.log 2>&1 &     # both backends, ~25 minutes, default model
+    .venv/bin/python benchmarks/soak.py --backend engine --minutes 2 --probe-seconds 5    # a quick check
 
-Writes benchmarks/results/soak.json: one `summary` row + one `minute` row per minute (commit, machine on each).
+Writes benchmarks/results/soak.json: per backend one `summary` row + one `minute` row per minute (commit, machine,
+backend on each); the rows of a backend not run this time are kept.
 The clients run in a separate process: client threads sharing this process's GIL would slow the front down.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -27,15 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
-from benchmarks.serve_load import _free_port, load_images, predict_ok, run_level  # noqa: E402
+from benchmarks.common import RESULTS_DIR, print_table, provenance, write_rows  # noqa: E402
+from benchmarks.serve_load import _free_port, backend_rss, load_images, make_host, predict_ok, run_level  # noqa: E402  # noqa: E402
 from serving.client import Client  # noqa: E402
-from serving.hosts.torchserve.server import ServeConfig, TorchServeHost  # noqa: E402
+from serving.hosts.serve.config import ServeConfig  # noqa: E402
 
 
 def paced_clients(base_url, model, token, images, clients: int, rate: float, seconds: float) -> list[tuple]:
@@ -74,15 +76,9 @@ def paced_clients(base_url, model, token, images, clients: int, rate: float, sec
     return records
 
 
-def server_rss(host: TorchServeHost) -> dict[str, int]:
-    """RSS in bytes of the JVM, its Python workers, and this process (front + metrics endpoint)."""
-    jvm = psutil.Process(host.process.pid)
-    workers = sum(p.memory_info().rss for p in jvm.children(recursive=True))
-    return {
-        "jvm": jvm.memory_info().rss,
-        "workers": workers,
-        "front_process": psutil.Process().memory_info().rss,
-    }
+def server_rss(host) -> dict[str, int]:
+    """RSS in bytes of the backend's processes (JVM + workers, or engine workers) and this process (front + metrics)."""
+    return backend_rss(host)
 
 
 def minute_rows(records: list[tuple], minutes: int, rss: list[dict]) -> list[dict]:
@@ -108,21 +104,11 @@ def minute_rows(records: list[tuple], minutes: int, rss: list[dict]) -> list[dic
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "model_store" / "cifar10-lite0"))
-    parser.add_argument("--variant", default="fp32")
-    parser.add_argument("--minutes", type=int, default=10)
-    parser.add_argument("--fraction", type=float, default=0.85, help="of the measured maximum throughput")
-    parser.add_argument("--probe-seconds", type=float, default=15.0, help="per concurrency level")
-    parser.add_argument("--probe-concurrency", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--clients", type=int, default=32, help="paced clients during the soak")
-    parser.add_argument("--images", type=int, default=500)
-    args = parser.parse_args()
-
-    images = load_images(args.images)
+def soak(backend: str, args, images) -> list[dict]:
+    """One backend: probe its maximum, soak at `fraction` of it; the summary row + one row per minute."""
     cache = Path(tempfile.mkdtemp(prefix="soak-"))
     config = ServeConfig(
+        backend=backend,
         model=args.model,
         variant=args.variant,
         port=_free_port(),
@@ -132,25 +118,25 @@ def main() -> None:
         startup_timeout_s=300,
     )
     load_before = os.getloadavg()
-    with TorchServeHost(config) as host, multiprocessing.get_context("spawn").Pool(1) as pool:
+    with make_host(config) as host, multiprocessing.get_context("spawn").Pool(1) as pool:
         common = (config.base_url, config.model_name, host.inference_token(), images)
         pool.apply(run_level, (*common, max(args.probe_concurrency), 5.0))  # warm-up
         probes = []
         for concurrency in args.probe_concurrency:
             latencies, good, errors, elapsed = pool.apply(run_level, (*common, concurrency, args.probe_seconds))
             probes.append({"concurrency": concurrency, "images_per_s": good / elapsed, "errors": errors})
-            print(f"probe c={concurrency}: {good / elapsed:.1f} images/s, {errors} errors", flush=True)
+            print(f"{backend} probe c={concurrency}: {good / elapsed:.1f} images/s, {errors} errors", flush=True)
         max_rate = max(p["images_per_s"] for p in probes)
         rate = args.fraction * max_rate
         seconds = args.minutes * 60
-        print(f"soak: {rate:.1f} req/s ({args.fraction:.0%} of {max_rate:.1f}) for {args.minutes} min", flush=True)
+        print(f"{backend} soak: {rate:.1f} req/s ({args.fraction:.0%} of {max_rate:.1f}) for {args.minutes} min")
         pending = pool.apply_async(paced_clients, (*common, args.clients, rate, seconds))
         started = time.monotonic()
         rss: list[dict] = []
         for m in range(args.minutes):  # one sample at the end of each minute
             time.sleep(max(0.0, started + (m + 1) * 60 - 1 - time.monotonic()))
             rss.append(server_rss(host))
-            print(f"minute {m + 1}: rss {sum(rss[-1].values()) / 2**20:.0f} MiB", flush=True)
+            print(f"{backend} minute {m + 1}: rss {sum(rss[-1].values()) / 2**20:.0f} MiB", flush=True)
         records = pending.get(timeout=seconds + 300)
     rows = minute_rows(records, args.minutes, rss)
     total = sum(r["requests"] for r in rows)
@@ -180,15 +166,38 @@ def main() -> None:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(),
     }
-    rows = [summary, *rows]
-    for row in rows:
-        row.update(provenance())
-    path = write_rows("soak", rows)
-    print_table(rows[1:], ["minute", "requests", "errors", "images_per_s", "p50_ms", "p99_ms", "rss_mb"])
+    print_table(rows, ["minute", "requests", "errors", "images_per_s", "p50_ms", "p99_ms", "rss_mb"])
     print(
-        f"errors {errors}/{total}; rss growth {summary['rss_growth_pct']}% (target 0 errors, < 10 %); "
-        f"achieved {summary['achieved_images_per_s']} of target {summary['target_rate']} images/s; results: {path}"
+        f"{backend}: errors {errors}/{total}; rss growth {summary['rss_growth_pct']}% (target 0 errors, < 5 %); "
+        f"achieved {summary['achieved_images_per_s']} of target {summary['target_rate']} images/s"
     )
+    return [summary, *rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", nargs="+", default=["torchserve", "engine"], choices=["torchserve", "engine"])
+    parser.add_argument("--model", default=str(ROOT / "model_store" / "cifar10-lite0"))
+    parser.add_argument("--variant", default="fp32")
+    parser.add_argument("--minutes", type=int, default=10)
+    parser.add_argument("--fraction", type=float, default=0.85, help="of the measured maximum throughput")
+    parser.add_argument("--probe-seconds", type=float, default=15.0, help="per concurrency level")
+    parser.add_argument("--probe-concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--clients", type=int, default=32, help="paced clients during the soak")
+    parser.add_argument("--images", type=int, default=500)
+    args = parser.parse_args()
+
+    images = load_images(args.images)
+    rows = []
+    for backend in args.backend:
+        for row in soak(backend, args, images):
+            row.update(backend=backend, command="python benchmarks/soak.py " + " ".join(sys.argv[1:]), **provenance())
+            rows.append(row)
+    path = RESULTS_DIR / "soak.json"
+    kept = [r for r in json.loads(path.read_text()) if r.get("backend") not in args.backend] if path.exists() else []
+    kept = [r for r in kept if r.get("backend")]  # rows from before the backend setting are replaced
+    path = write_rows("soak", kept + rows)
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
