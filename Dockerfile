@@ -95,7 +95,12 @@ COPY model_store/ /opt/deepclust/model_store/
 
 # `deepclust serve` keeps its per-instance state (TorchServe config, logs, JVM temp files, token key file,
 # metrics files) under DEEPCLUST_CACHE/serve/; TorchServe's worker sockets go to /tmp.
+# The serving backend when nothing else chooses: `torchserve` (TorchServe's Java frontend + Python workers) or
+# `engine` (our front runs the engine in its own worker processes; no JVM is started). `backend:` in the settings
+# file (the Kubernetes ConfigMap) and `--backend` take precedence. Build with --build-arg SERVE_BACKEND=engine.
+ARG SERVE_BACKEND=torchserve
 ENV PATH=/opt/venv/bin:${PATH} \
+    DEEPCLUST_SERVE_BACKEND=${SERVE_BACKEND} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/var/lib/deepclust \
@@ -110,7 +115,8 @@ USER 10001:10001
 # The management API stays off.
 EXPOSE 8080 8082
 
-# urllib raises on any non-2xx answer, so only a 200 from /ping is healthy (no curl in the image). Without a
+# urllib raises on any non-2xx answer, so only a 200 from /ping is healthy (no curl in the image); /ping answers
+# 503 until the model has answered a real prediction, on either backend. Without a
 # config the service listens on all interfaces, so token authorization is on: the check then sends the
 # inference token from the instance's key file (same user, same container).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \

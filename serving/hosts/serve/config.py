@@ -29,6 +29,8 @@ from serving.core.model_store import (
 )
 
 log = logging.getLogger("deepclust.serve")
+BACKEND_ENV = "DEEPCLUST_SERVE_BACKEND"
+"""The backend when neither `--backend` nor the settings file chooses one (the container image sets it)."""
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +44,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     backend: Literal["torchserve", "engine"] = Field(
-        "torchserve", description="torchserve (Java frontend + Python workers) | engine (our own worker processes)"
+        default_factory=lambda: os.environ.get(BACKEND_ENV, "torchserve"),  # type: ignore[arg-type]
+        validate_default=True,
+        description="torchserve (Java frontend + Python workers) | engine (our own worker processes, no JVM)",
     )
     model: str = Field(DEFAULT_MODEL, description="folder name in the model store (also the URL's model name)")
     model_store: Path = Field(default_factory=default_model_store)
