@@ -58,12 +58,22 @@ def _short_budget(plain: dict[str, str], rows: dict[str, Experiment], epochs: in
     return out
 
 
-def _scan_rows(config: str) -> dict[str, Experiment]:
-    """SCAN after clustering and after self-labelling: two rows from the stages of one pipeline run."""
+def _scan_rows(config: str, variant: str = "", overrides: tuple[str, ...] = ()) -> dict[str, Experiment]:
+    """SCAN after clustering and after self-labelling: two rows from the stages of one pipeline run (a `variant`
+    names a different run of the same config, e.g. `officialviews`)."""
+    prefix = f"scan-{variant}" if variant else "scan"
+    run = {"run": variant} if variant else {}
     return {
-        "scan": Experiment("scan", config, extra={"stage": "scan"}),
-        "scan-selflabel": Experiment("scan-selflabel", config, extra={"stage": "selflabel"}),
+        prefix: Experiment(prefix, config, overrides, extra={"stage": "scan", **run}),
+        f"{prefix}-selflabel": Experiment(
+            f"{prefix}-selflabel", config, overrides, extra={"stage": "selflabel", **run}
+        ),
     }
+
+
+# SCAN's official strong view on both sides (4 of 14 ops + Cutout, two cached passes); the frozen-feature configs
+# default to the CC augmentation passes instead (a named deviation, README "Methods as their papers define them").
+OFFICIAL_VIEWS = ("method.strong_passes=[strong0,strong1]",)
 
 
 SUITES: dict[str, dict[str, Experiment]] = {
@@ -79,12 +89,14 @@ SUITES: dict[str, dict[str, Experiment]] = {
             for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")  # Lite1 also joins with model.backbone=[...]
         },
         **_scan_rows("cifar10_spaces_scan.yaml"),
+        **_scan_rows("cifar10_spaces_scan.yaml", "officialviews", OFFICIAL_VIEWS),
     },
     "cifar10_lite0": {
         "cc": Experiment("cc", "cifar10_lite0_cc.yaml"),
         **_cces_ablations("cifar10_lite0_cces.yaml"),
         **_short_budget({"cc": "cifar10_lite0_cc.yaml"}, _cces_ablations("cifar10_lite0_cces.yaml"), epochs=10),
         **_scan_rows("cifar10_lite0_scan.yaml"),
+        **_scan_rows("cifar10_lite0_scan.yaml", "officialviews", OFFICIAL_VIEWS),
     },
 }
 
@@ -116,7 +128,7 @@ def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str
 
     stage = experiment.extra.get("stage")
     # The config's stem keeps suites apart (both have a "cc" entry); a staged method's rows share one run.
-    suffix = "" if stage else f"-{experiment.method.replace('/', '_')}"
+    suffix = (f"-{experiment.extra['run']}" if "run" in experiment.extra else "") if stage else f"-{experiment.method}"
     space = load_config(CONFIGS / experiment.config, list(experiment.overrides)).model.backbone_name
     name = f"{Path(experiment.config).stem}{suffix}-{space}-seed{seed}"
     overrides = [f"run.out_dir={out_dir}", f"run.name={name}", f"run.seed={seed}", *experiment.overrides]
