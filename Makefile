@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip --disable-pip-version-check
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 100000000000
 
-.PHONY: install install-serve system-deps test lint serve model bench clean
+.PHONY: install install-serve system-deps test lint serve model model-fast model-accurate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +38,22 @@ test: install system-deps
 serve: install-serve
 	$(BIN)/deepclust serve
 
-# Rebuild the default served model from the shared CIFAR-10 data: frozen EfficientNet-Lite0 features (cached),
-# SCAN heads + self-labelling (the best method measured here, see README), then export with parity checks.
-DEFAULT_MODEL := model_store/cifar10-lite0
-model: install
+# Rebuild the store's models from the shared CIFAR-10 data (frozen ImageNet EfficientNet-Lite features, cached), each
+# exported with parity checks and its INT8/FP16 variants, then time each one's service on this machine:
+# `deepclust serve` serves the most accurate model whose service reaches 100 img/s (model_store/throughput.json).
+#   fast:     SCAN heads + self-labelling on EfficientNet-Lite0                  (model_store/cifar10-lite0)
+#   accurate: TURTLE on EfficientNet-Lite0 and -Lite2 together, both in the graph (model_store/cifar10-lite0-lite2)
+model: model-fast model-accurate
+	$(BIN)/python benchmarks/store.py
+
+model-fast: install
 	$(BIN)/deepclust train -c configs/cifar10_lite0_scan.yaml --out-dir runs
-	$(BIN)/deepclust export runs/cifar10-lite0-scan -o $(DEFAULT_MODEL) --rebuild-command "make model"
+	$(BIN)/deepclust export runs/cifar10-lite0-scan -o model_store/cifar10-lite0 --rebuild-command "make model-fast"
+
+model-accurate: install
+	$(BIN)/deepclust train -c configs/cifar10_spaces_turtle.yaml --out-dir runs
+	$(BIN)/deepclust export runs/cifar10-spaces-turtle -o model_store/cifar10-lite0-lite2 \
+		--rebuild-command "make model-accurate"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
