@@ -65,8 +65,9 @@ def command(
     args: Annotated[
         list[str] | None,
         typer.Argument(
+            metavar="[DIR] [KEY=VALUE]",
             help="[DIR] then dotted overrides, e.g. optim.epochs=5 data.subset=2000; DIR alone trains on a folder "
-            "with automatic choices"
+            "with automatic choices",
         ),
     ] = None,
 ) -> None:
