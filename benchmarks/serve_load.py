@@ -87,8 +87,10 @@ def _free_port() -> int:
 
 
 def summarise(target, concurrency, latencies, images, errors, seconds, **extra):
+    """One result row; `load_average_1m` says how busy the shared machine was when the row was measured."""
     lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
     return {
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "target": target,
         "concurrency": concurrency,
         "images_per_s": round(images / seconds, 2),
