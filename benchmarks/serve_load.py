@@ -51,6 +51,32 @@ def make_host(config: ServeConfig, handler: Path | None = None):
     return TorchServeHost(config, handler=handler) if handler else TorchServeHost(config)
 
 
+def server_processes(host) -> list:
+    """The processes serving: this one (the front's thread) and the backend's (JVM + workers, or engine workers)."""
+    import psutil
+
+    if host.config.backend == "engine":
+        procs = [psutil.Process(pid) for pid in host.worker_pids()]
+    else:
+        jvm = psutil.Process(host.process.pid)
+        procs = [jvm, *jvm.children(recursive=True)]
+    return [psutil.Process(), *procs]
+
+
+def cpu_seconds(processes) -> float:
+    """User + system CPU seconds of `processes` so far (a process that is gone counts 0)."""
+    import psutil
+
+    total = 0.0
+    for p in processes:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def backend_rss(host) -> dict[str, int]:
     """RSS in bytes of the backend's processes (JVM + its Python workers, or the engine workers) and of this
     process (the front's thread, the metrics endpoint)."""
@@ -107,6 +133,7 @@ def bench_engine(model_file: Path, images: list[bytes], batches: list[int], seco
     rows = []
     for batch in batches:
         latencies, done, n = [], 0, 0
+        cpu = time.process_time()  # every thread of this process, onnxruntime's included
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             t = time.perf_counter()
@@ -124,6 +151,7 @@ def bench_engine(model_file: Path, images: list[bytes], batches: list[int], seco
                 0,
                 time.perf_counter() - start,
                 note="in-process decode+resize+run, concurrency = batch size",
+                cpu_ms_per_image=round(1000 * (time.process_time() - cpu) / max(done, 1), 3),
             )
         )
     return rows
@@ -167,6 +195,8 @@ def bench_http(target, host, images, levels, seconds, base_url: str | None = Non
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pool.apply(run_level, (*args, max(levels), min(3.0, seconds)))  # warm-up, not recorded
         for concurrency in levels:
+            processes = server_processes(host)
+            cpu = cpu_seconds(processes)
             pending = pool.apply_async(run_level, (*args, concurrency, seconds))
             peak: dict[str, int] = {}
             while not pending.ready():  # the peak RSS during the level, sampled twice a second
@@ -174,7 +204,10 @@ def bench_http(target, host, images, levels, seconds, base_url: str | None = Non
                     peak[key] = max(peak.get(key, 0), value)
                 pending.wait(0.5)
             latencies, good, errors, elapsed = pending.get()
-            rss = {f"rss_{k}_mb": round(v / 2**20, 1) for k, v in peak.items()}
+            # CPU per image of every serving process (clients excluded): a figure the other jobs on this shared
+            # machine do not distort the way they distort images/s.
+            rss = {"cpu_ms_per_image": round(1000 * (cpu_seconds(processes) - cpu) / max(good, 1), 3)}
+            rss.update({f"rss_{k}_mb": round(v / 2**20, 1) for k, v in peak.items()})
             rss["rss_total_mb"] = round(sum(peak.values()) / 2**20, 1)
             rows.append(
                 summarise(target, concurrency, latencies, good, errors, elapsed, backend=host.config.backend, **rss)
@@ -257,6 +290,12 @@ def main() -> None:
         best = max((r["images_per_s"] for r in service), default=0)
         errors = sum(r["errors"] for r in service)
         print(f"{backend}: service/engine = {best / best_engine:.2f} (target >= {targets[backend]}), {errors} errors")
+        engine_cpu = min(r["cpu_ms_per_image"] for r in rows if r["target"] == "engine")
+        service_cpu = min((r["cpu_ms_per_image"] for r in service), default=float("nan"))
+        print(
+            f"{backend}: CPU per image, bare engine at its best batch / service at its best level = "
+            f"{engine_cpu:.2f} / {service_cpu:.2f} ms = {engine_cpu / service_cpu:.2f}"
+        )
     print(f"results: {path}")
 
 
