@@ -25,12 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from training.data.datasets import IMAGE_EXTENSIONS
 
 # ------------------------------------------------------------------------------------------------ the folder
 SAMPLE_FILES = 256  # files decoded to measure size and colour: enough for a median and a share
@@ -463,9 +461,6 @@ def measure_step(config: Any, repeats: int = 3) -> float:
     return float(np.median(times[1:])) * augment
 
 
-KMode = Literal["auto", "folders"]
-
-
 def to_json(value: Any) -> Any:
     """Dataclasses (and tuples) as JSON-ready values for auto.json."""
     if hasattr(value, "__dataclass_fields__"):
@@ -493,5 +488,4 @@ __all__ = [
     "pick",
     "recipe_config",
     "size",
-    "IMAGE_EXTENSIONS",
 ]
