@@ -184,7 +184,7 @@ RECIPES: dict[str, Recipe] = {
         },
         stage_steps={"scan": ("method.scan_epochs", 0.6), "selflabel": ("method.selflabel_epochs", 0.4)},
         max_steps=2500,
-        min_steps=60,
+        min_steps=600,  # heads on cached features: milliseconds a step; 42 steps left SCAN's heads uniform (digits)
         passes=("clean", "strong0", "strong1"),
         evidence=(
             "configs/cifar10_lite0_scan.yaml (SCAN + self-label .636 on CIFAR-10, the served default) with Lite2, the "
