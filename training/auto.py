@@ -336,11 +336,13 @@ def size(
     seeds: int = 1,
     share: float = 1.0,
     spent_seconds: float = 0.0,
+    passes_to_compute: int | None = None,
 ) -> Sizing:
     """Steps, epochs and config overrides of `recipe` on this folder within its `share` of the budget.
 
     A steps budget is taken as given (clamped to the recipe's useful range). A time budget pays first for what
-    cannot be cut (frozen feature passes, `seeds` runs), then buys steps at the measured step time.
+    cannot be cut (the frozen feature passes not in the cache yet: `passes_to_compute`, default all of the recipe's;
+    `seeds` runs), then buys steps at the measured step time.
     """
     batch = batch_size_for(recipe, facts.images)
     per_epoch = max(facts.images // batch, 1)
@@ -348,7 +350,8 @@ def size(
     fixed = 0.0
     if recipe.frozen:
         rate = speeds.backbone_images_per_s.get(recipe.backbone, 100.0)
-        fixed = len(recipe.passes) * facts.images / rate
+        missing = len(recipe.passes) if passes_to_compute is None else passes_to_compute
+        fixed = missing * facts.images / rate
     if budget.steps is not None:
         steps = budget.steps
         why = f"{budget.describe()} asked"

@@ -75,6 +75,31 @@ def _clean_features(recipe: Recipe, folder: Path) -> np.ndarray:
     return frozen_pass(recipe.backbone, dataset, Clean(int(recipe.image_size or 160)), 0, workers=2)
 
 
+def passes_to_compute(recipe: Recipe, config: TrainConfig) -> int:
+    """How many of a frozen recipe's feature passes of this folder are not in the cache yet (what the budget must
+    still pay for: a re-run or a second recipe on the same folder reads them for free)."""
+    import hashlib
+
+    from training.data.datasets import create_dataset
+    from training.data.views import Strong, data_augmentation, named_pass
+    from training.features import feature_key
+    from training.paths import cache_root
+
+    if not recipe.frozen:
+        return 0
+    dataset = create_dataset("folder", "train", config.data.root)
+    size = config.data.image_size
+    strong = Strong(size, getattr(config.method, "cutout_fraction", 0.5))
+    missing = 0
+    for name in recipe.passes:
+        view, seed = named_pass(name, size, data_augmentation(config.data), strong)
+        input_size = int(np.asarray(dataset[0][0]).shape[0]) if isinstance(view, Strong) else size
+        key = feature_key(recipe.backbone, True, dataset, view, seed, input_size)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        missing += not (cache_root() / "features" / f"{digest}.npy").exists()
+    return missing
+
+
 def choose_k(options: AutoOptions, facts: Any, run_dir: Path) -> tuple[int, dict[str, Any]]:
     """(K, how it was chosen). Estimation always runs on the frozen recipe's clean features (shared with it)."""
     if options.k not in (None, "auto"):
@@ -192,7 +217,18 @@ def run_auto(options: AutoOptions) -> dict[str, Any]:
     spent = time.perf_counter() - started
     for index, recipe in enumerate(recipes):
         last = index == len(recipes) - 1
-        sizing = size(recipe, facts, k, budget, speeds, seeds=seeds, share=1.0 if last else 0.5, spent_seconds=spent)
+        missing = passes_to_compute(recipe, probe_configs[recipe.name])
+        sizing = size(
+            recipe,
+            facts,
+            k,
+            budget,
+            speeds,
+            seeds=seeds,
+            share=1.0 if last else 0.5,
+            spent_seconds=spent,
+            passes_to_compute=missing,
+        )
         spent += sizing.estimated_seconds
         sizings.append(sizing)
         epochs = ", ".join(f"{s} {e} epochs" for s, e in sizing.epochs.items())
