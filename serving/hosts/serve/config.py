@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.core.contract import ModelCard, Variant
 from serving.core.model_store import (
-    DEFAULT_MODEL,
     ModelStoreError,
     ResolvedModel,
+    default_model_name,
     default_model_store,
     model_folder,
     resolve_model,
@@ -48,7 +48,11 @@ class ServeConfig(BaseModel):
         validate_default=True,
         description="torchserve (Java frontend + Python workers) | engine (our own worker processes, no JVM)",
     )
-    model: str = Field(DEFAULT_MODEL, description="folder name in the model store (also the URL's model name)")
+    model: str = Field(
+        "",
+        description="folder name in the model store (also the URL's model name); empty: the store's default, the "
+        "most accurate model whose measured service reaches 100 img/s (model_store/throughput.json)",
+    )
     model_store: Path = Field(default_factory=default_model_store)
     variant: Variant = "fp32"
     host: str = "127.0.0.1"
@@ -85,6 +89,12 @@ class ServeConfig(BaseModel):
     startup_timeout_s: float = Field(180, gt=0)
     java: str = "java"
     jvm_heap: str = "512m"
+
+    @model_validator(mode="after")
+    def _default_model(self) -> ServeConfig:
+        if not self.model:
+            self.model = default_model_name(self.model_store)
+        return self
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServeConfig:
