@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--backend", choices=["torchserve", "engine"], help="default: as `deepclust serve`")
     args = parser.parse_args(argv)
     command = "python benchmarks/store.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, measured = [], {}
     for name in args.models or store_models(args.store):
         config = ServeConfig(
+            **({"backend": args.backend} if args.backend else {}),
             model=str(args.store / name),
             port=_free_port(),
             metrics_port=_free_port(),

@@ -117,3 +117,25 @@ def test_default_model_is_the_most_accurate_fast_enough_one(tiny_model_dir: Path
     (store / THROUGHPUT_FILE).write_text("{not json")
     with pytest.raises(ModelStoreError, match="not a valid throughput file"):
         default_model_name(store)
+
+
+def test_store_benchmark_times_each_model_and_sets_the_default(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`benchmarks/store.py` on a store of two real (tiny) models, engine backend, real HTTP on loopback: one row per
+    model with its measured rate, `throughput.json` written, and the default chosen from it by the same rule."""
+    import benchmarks.common as common
+    from benchmarks import store as store_bench
+    from serving.core.model_store import THROUGHPUT_FILE, StoreThroughput, default_model_name
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    store = _store_with(tiny_model_dir, tmp_path / "store", {"a": 0.3, "b": 0.2})
+    argv = ["--store", str(store), "--backend", "engine", "--seconds", "1", "--concurrency", "2", "--images", "8"]
+    assert store_bench.main(argv) == 0
+    measured = StoreThroughput.model_validate_json((store / THROUGHPUT_FILE).read_text())
+    assert set(measured.models) == {"a", "b"} and all(m.service_img_per_s > 0 for m in measured.models.values())
+    rows = json.loads((tmp_path / "results" / "store.json").read_text())
+    assert {r["model"] for r in rows} == {"a", "b"} and all(r["errors"] == 0 for r in rows)
+    fast_enough = [n for n, m in measured.models.items() if m.service_img_per_s >= 100]
+    expected = max(fast_enough, key=lambda n: {"a": 0.3, "b": 0.2}[n]) if fast_enough else "cifar10-lite0"
+    assert default_model_name(store) == expected
