@@ -120,6 +120,16 @@ def _method_row(experiment: Experiment, config: Any, metrics: dict[str, Any], se
     }
 
 
+def with_protocol(experiment: Experiment, tag: str | None, overrides: list[str] | None) -> Experiment:
+    """The experiment under a changed protocol (e.g. a training subset): the overrides are added and the row's method
+    carries the tag, so its rows never replace the full protocol's."""
+    if not overrides:
+        return experiment
+    return Experiment(
+        f"{experiment.method}-{tag}", experiment.config, (*experiment.overrides, *overrides), dict(experiment.extra)
+    )
+
+
 def run_experiment(experiment: Experiment, out_dir: Path, seed: int) -> dict[str, Any]:
     """Train one row's config (any method, through the registry) and read its metrics; a staged method's row names
     its stage in `extra["stage"]` (both SCAN rows of a config share one run directory: the second only reads)."""
@@ -216,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="methods of the suite to run (default: all, plus kmeans)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one row per seed (rows keyed by seed)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="protocol overrides for every row (with --tag)")
+    parser.add_argument("--tag", help="suffix of the rows' method under --set (e.g. sub10k)")
     args = parser.parse_args(argv)
+    if bool(args.set) != bool(args.tag):
+        parser.error("--set and --tag go together: a changed protocol must be named in its rows")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     wanted = args.only or [*SUITES[args.suite], "kmeans"]
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in wanted:
             row = kmeans_row(args.suite, seed) if key == "kmeans" else None
             if row is None:
-                row = run_experiment(SUITES[args.suite][key], args.out_dir, seed)
+                row = run_experiment(with_protocol(SUITES[args.suite][key], args.tag, args.set), args.out_dir, seed)
             row.update(provenance())
             row["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
             rows.append(row)
