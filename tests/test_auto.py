@@ -170,7 +170,9 @@ def test_folder_to_trained_exported_and_labelled_model(tmp_path: Path, grey_fold
     auto = json.loads((run_dir / "auto.json").read_text())
     assert auto["recipe"]["name"] == "frozen-scan" and auto["k"]["value"] == 3
     assert auto["folder"]["grey_share"] >= 0.9 and auto["rule"]["name"] == "few-images"
-    assert auto["sizing"][0]["steps"] == 600 and (run_dir / "final.pt").exists()
+    # 600 steps asked; 60 images make 4 steps an epoch and each stage is capped at 60 epochs: 480 steps
+    assert auto["sizing"][0]["epochs"] == {"scan": 60, "selflabel": 60} and auto["sizing"][0]["steps"] == 480
+    assert (run_dir / "final.pt").exists()
     assert (run_dir / "warnings.json").exists()
     trained = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (trained["method"]["scan_epochs"], trained["method"]["selflabel_epochs"]) == (10, 5)

@@ -148,6 +148,7 @@ class Recipe:
     image_size: int | None = None
     size_range: tuple[int, int] = (8, 64)
     passes: tuple[str, ...] = ()  # cached frozen passes the recipe reads (extraction cost)
+    max_epochs: int | None = None  # per stage: on a small folder many epochs cost more in per-epoch work than steps
     evidence: str = ""
 
 
@@ -186,6 +187,7 @@ RECIPES: dict[str, Recipe] = {
         max_steps=2500,
         min_steps=600,  # heads on cached features: milliseconds a step; 42 steps left SCAN's heads uniform (digits)
         passes=("clean", "strong0", "strong1"),
+        max_epochs=60,  # 4x the measured config's 15 SCAN epochs; SCAN validates every head on every epoch
         evidence=(
             "configs/cifar10_lite0_scan.yaml (SCAN + self-label .636 on CIFAR-10, the served default) with Lite2, the "
             "space with the best k-means and kNN agreement of the three wheel-shipped spaces (NOTES.md); 1,455 + 970 "
@@ -370,6 +372,9 @@ def size(
     overrides = [f"model.k={k}", f"optim.batch_size={batch}", f"data.image_size={image_size_for(recipe, facts)}"]
     for stage, (key, part) in recipe.stage_steps.items():
         epochs[stage or "train"] = max(1, math.ceil(clamped * part / per_epoch))
+        if recipe.max_epochs and epochs[stage or "train"] > recipe.max_epochs:
+            epochs[stage or "train"] = recipe.max_epochs
+            why += f"; {stage or 'train'} capped at {recipe.max_epochs} epochs"
         overrides.append(f"{key}={epochs[stage or 'train']}")
     total_epochs = sum(epochs.values())
     every = max(1, total_epochs // 8)  # about eight evaluations and checkpoints per stage
@@ -377,6 +382,7 @@ def size(
     if recipe.method == "scan":
         neighbours = int(min(20, max(2, facts.images // (3 * k))))
         overrides.append(f"method.neighbours={neighbours}")
+    clamped = min(clamped, sum(epochs.values()) * per_epoch)  # the steps the epochs actually make
     estimated = fixed + clamped * step_s * seeds
     return Sizing(
         recipe=recipe.name,
