@@ -110,6 +110,12 @@ def test_the_same_steps_give_a_small_folder_more_epochs() -> None:
         assert f"optim.epochs={s.epochs['train']}" in s.overrides and "model.k=10" in s.overrides
 
 
+def test_frozen_heads_stop_at_the_epoch_cap_on_a_small_folder() -> None:
+    sizing = size(RECIPES["frozen-scan"], _facts(1797), 10, Budget(steps=2500), Speeds())
+    assert sizing.epochs == {"scan": 60, "selflabel": 60} and "capped" in sizing.why
+    assert sizing.steps == 120 * sizing.steps_per_epoch < 2500
+
+
 def test_a_wall_time_budget_buys_fewer_steps_on_a_slower_machine() -> None:
     recipe = RECIPES["scratch-cc"]
     fast = size(recipe, _facts(10_000), 10, Budget(seconds=600), Speeds(step_seconds={"scratch-cc": 0.2}))
@@ -170,8 +176,8 @@ def test_folder_to_trained_exported_and_labelled_model(tmp_path: Path, grey_fold
     auto = json.loads((run_dir / "auto.json").read_text())
     assert auto["recipe"]["name"] == "frozen-scan" and auto["k"]["value"] == 3
     assert auto["folder"]["grey_share"] >= 0.9 and auto["rule"]["name"] == "few-images"
-    # 600 steps asked; 60 images make 4 steps an epoch and each stage is capped at 60 epochs: 480 steps
-    assert auto["sizing"][0]["epochs"] == {"scan": 60, "selflabel": 60} and auto["sizing"][0]["steps"] == 480
+    # 600 steps asked; 60 images in batches of 8 make 7 steps an epoch: 60 % of the steps for SCAN, 40 % self-label
+    assert auto["sizing"][0]["epochs"] == {"scan": 52, "selflabel": 35} and auto["sizing"][0]["steps"] == 600
     assert (run_dir / "final.pt").exists()
     assert (run_dir / "warnings.json").exists()
     trained = yaml.safe_load((run_dir / "config.yaml").read_text())
