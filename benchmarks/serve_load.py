@@ -157,6 +157,43 @@ def bench_engine(model_file: Path, images: list[bytes], batches: list[int], seco
     return rows
 
 
+_ENGINE: dict = {}
+
+
+def _engine_init(model_file: Path, max_batch: int) -> None:
+    _ENGINE["engine"] = Engine(model_file, max_batch=max_batch)
+
+
+def engine_level(images: list[bytes], batch: int, seconds: float) -> float:
+    """Images/s of the bare engine (decode + resize + run) at `batch`, in a pool process holding one engine."""
+    engine, done, start = _ENGINE["engine"], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        chunk = [images[(done + i) % len(images)] for i in range(batch)]
+        engine.run(np.stack([load_image(b, engine.input_size) for b in chunk]))
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def bench_paired(host, images, engine_pool, batch: int, concurrency: int, seconds: float, rounds: int) -> list[dict]:
+    """The bare engine and the service measured in turns, `rounds` times: each ratio compares two measurements a
+    few seconds apart, so the other jobs of a shared machine disturb both alike (their median is the figure)."""
+    rows = []
+    args = (host.config.base_url, host.config.model_name, host.inference_token(), images)
+    with multiprocessing.get_context("spawn").Pool(1) as clients:
+        clients.apply(run_level, (*args, concurrency, min(3.0, seconds)))  # warm-up
+        for r in range(rounds):
+            bare = engine_pool.apply(engine_level, (images, batch, seconds))
+            latencies, good, errors, elapsed = clients.apply(run_level, (*args, concurrency, seconds))
+            service = good / elapsed
+            row = {"target": "paired", "backend": host.config.backend, "round": r, "engine_batch": batch,
+                   "concurrency": concurrency, "engine_images_per_s": round(bare, 2),
+                   "service_images_per_s": round(service, 2), "ratio": round(service / bare, 3), "errors": errors,
+                   "load_average_1m": round(os.getloadavg()[0], 2), **provenance()}  # fmt: skip
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def run_level(base_url: str, model_name: str, token, images, concurrency: int, seconds: float):
     """`concurrency` closed-loop clients for `seconds`: (latencies, good images, errors, elapsed)."""
     latencies: list[float] = []
@@ -238,6 +275,13 @@ def main() -> None:
     parser.add_argument("--max-batch-delay-ms", type=int, default=5)
     parser.add_argument("--skip-eager", action="store_true")
     parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=0,
+        help="also measure bare engine (at its best batch above) and service (at the largest concurrency) in turns, "
+        "this many rounds per backend: ratios robust to a shared machine's load",
+    )
+    parser.add_argument(
         "--direct",
         action="store_true",
         help="also load TorchServe's internal port directly (target torchserve_direct): the HTTP front's overhead",
@@ -266,12 +310,23 @@ def main() -> None:
     # The bare engine in its own process, so that this process (which hosts the front) measures as the service's.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         rows += pool.apply(bench_engine, (first.model_file, images, args.batches, args.seconds))
+    best_batch = max((r for r in rows if r["target"] == "engine"), key=lambda r: r["images_per_s"])["concurrency"]
+    engine_pool = None
+    if args.paired_rounds:
+        engine_pool = multiprocessing.get_context("spawn").Pool(1, _engine_init, (first.model_file, max(args.batches)))
     for backend in args.backend:
         with make_host(config(backend)) as host:
+            if engine_pool is not None:
+                rows += bench_paired(
+                    host, images, engine_pool, best_batch, max(args.concurrency), args.seconds, args.paired_rounds
+                )
             rows += bench_http("service", host, images, args.concurrency, args.seconds)
             if args.direct and backend == "torchserve":
                 direct = f"http://127.0.0.1:{host.backend_port}"
                 rows += bench_http("torchserve_direct", host, images, args.concurrency, args.seconds, direct)
+    if engine_pool is not None:
+        engine_pool.close()
+        engine_pool.join()
     if not args.skip_eager:
         with make_host(config(), handler=ROOT / "benchmarks" / "eager_handler.py") as host:
             rows += bench_http("eager_handler", host, images, args.concurrency, args.seconds)
@@ -280,9 +335,8 @@ def main() -> None:
         row.update(model=Path(args.model).name, variant=args.variant, server_batch=args.batch_size, run=run_id)
         row["command"] = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     path = write_rows("serve_load", rows)
-    print_table(
-        rows, ["target", "backend", "concurrency", "images_per_s", "p50_ms", "p99_ms", "errors", "rss_total_mb"]
-    )
+    columns = ["target", "backend", "concurrency", "images_per_s", "p50_ms", "p99_ms", "errors", "rss_total_mb"]
+    print_table([r for r in rows if r["target"] != "paired"], columns)
     best_engine = max(r["images_per_s"] for r in rows if r["target"] == "engine")
     targets = {"engine": 0.9, "torchserve": 0.85}
     for backend in args.backend:
@@ -296,6 +350,9 @@ def main() -> None:
             f"{backend}: CPU per image, bare engine at its best batch / service at its best level = "
             f"{engine_cpu:.2f} / {service_cpu:.2f} ms = {engine_cpu / service_cpu:.2f}"
         )
+        paired = [r["ratio"] for r in rows if r["target"] == "paired" and r["backend"] == backend]
+        if paired:
+            print(f"{backend}: paired rounds service/engine = {paired}, median {float(np.median(paired)):.2f}")
     print(f"results: {path}")
 
 
