@@ -161,12 +161,14 @@ _ENGINE: dict = {}
 
 
 def _engine_init(model_file: Path, max_batch: int) -> None:
-    _ENGINE["engine"] = Engine(model_file, max_batch=max_batch)
+    for spin in (True, False):
+        _ENGINE[spin] = Engine(model_file, max_batch=max_batch, spin=spin)
 
 
-def engine_level(images: list[bytes], batch: int, seconds: float) -> float:
-    """Images/s of the bare engine (decode + resize + run) at `batch`, in a pool process holding one engine."""
-    engine, done, start = _ENGINE["engine"], 0, time.perf_counter()
+def engine_level(images: list[bytes], batch: int, seconds: float, spin: bool = True) -> float:
+    """Images/s of the bare engine (decode + resize + run) at `batch`, in a pool process holding the engines
+    (onnxruntime's intra-op threads spinning or not)."""
+    engine, done, start = _ENGINE[spin], 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         chunk = [images[(done + i) % len(images)] for i in range(batch)]
         engine.run(np.stack([load_image(b, engine.input_size) for b in chunk]))
@@ -182,11 +184,16 @@ def bench_paired(host, images, engine_pool, batch: int, concurrency: int, second
     with multiprocessing.get_context("spawn").Pool(1) as clients:
         clients.apply(run_level, (*args, concurrency, min(3.0, seconds)))  # warm-up
         for r in range(rounds):
-            bare = engine_pool.apply(engine_level, (images, batch, seconds))
+            # The bare engine at its best: with and without spinning intra-op threads (which wins depends on how
+            # busy the cores are), the better of the two is the reference.
+            bare_spin = engine_pool.apply(engine_level, (images, batch, seconds, True))
+            bare_nospin = engine_pool.apply(engine_level, (images, batch, seconds, False))
+            bare = max(bare_spin, bare_nospin)
             latencies, good, errors, elapsed = clients.apply(run_level, (*args, concurrency, seconds))
             service = good / elapsed
             row = {"target": "paired", "backend": host.config.backend, "round": r, "engine_batch": batch,
                    "concurrency": concurrency, "engine_images_per_s": round(bare, 2),
+                   "engine_spin_images_per_s": round(bare_spin, 2), "engine_nospin_images_per_s": round(bare_nospin, 2),
                    "service_images_per_s": round(service, 2), "ratio": round(service / bare, 3), "errors": errors,
                    "load_average_1m": round(os.getloadavg()[0], 2), **provenance()}  # fmt: skip
             rows.append(row)

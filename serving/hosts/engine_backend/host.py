@@ -102,6 +102,7 @@ class EngineHost:
             "max_batch": c.max_batch,
             "max_bytes": c.max_bytes,
             "max_pixels": c.max_pixels,
+            "spin": c.intra_op_spin,
         }
 
     def prepare(self) -> None:

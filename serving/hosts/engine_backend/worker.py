@@ -50,6 +50,7 @@ class Worker:
             warmup=True,
             require_gpu=bool(config["require_gpu"]),
             device_id=int(config.get("device_id", 0)),
+            spin=bool(config.get("spin", False)),
         )
         from serving.hosts.serve.telemetry import ServiceMetrics
 

@@ -71,6 +71,11 @@ class ServeConfig(BaseModel):
     providers: list[str] = Field(default_factory=lambda: ["cuda", "cpu"], description="TensorRT only if configured")
     require_gpu: bool = Field(False, description="refuse to start when no GPU provider runs (onnxruntime's reason)")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per worker (0 = all cores)")
+    intra_op_spin: bool = Field(
+        False,
+        description="engine backend: onnxruntime's intra-op threads busy-wait between operators. Off by default: "
+        "the cores are shared with the front, the decoding and other processes (measured: benchmarks/serve_load.py)",
+    )
     max_batch: int = Field(64, ge=1, description="largest engine batch (images); bigger ones are split")
     max_bytes: int = Field(20 * (1 << 20), ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
