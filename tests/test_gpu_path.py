@@ -173,3 +173,96 @@ def test_parallel_decode_keeps_order_and_per_image_errors(tiny_model_dir: Path, 
     assert [[getattr(item, "error", None) for item in p.items] for p in p1] == [
         [getattr(item, "error", None) for item in p.items] for p in p2
     ]
+
+
+# ------------------------------------------------------------------------------------- `deepclust serve --variant auto`
+def _serve_config(model_dir: Path, tmp_path: Path, **settings):
+    from serving.hosts.serve.config import ServeConfig
+
+    return ServeConfig(model_store=model_dir.parent, model=model_dir.name, cache_dir=tmp_path / "cache", **settings)
+
+
+def test_serve_config_auto_files_and_handler_config(store_with_fp16: Path, tiny_model_dir: Path, tmp_path: Path):
+    from pydantic import ValidationError
+
+    from serving.hosts.serve.config import verify_model
+
+    assert _serve_config(store_with_fp16, tmp_path).variant == "fp32"  # the default is unchanged
+    with pytest.raises(ValidationError):
+        _serve_config(store_with_fp16, tmp_path, variant="bf16")
+    auto = _serve_config(store_with_fp16, tmp_path, variant="auto")
+    assert [p.name for p in auto.model_files] == ["model.onnx", "model.fp16.onnx"]  # both go into the .mar
+    assert [p.name for p in _serve_config(tiny_model_dir, tmp_path, variant="auto").model_files] == ["model.onnx"]
+    assert [p.name for p in _serve_config(store_with_fp16, tmp_path, variant="fp16").model_files] == ["model.fp16.onnx"]
+    handler_config = auto.handler_config()
+    assert handler_config["variant"] == "auto" and handler_config["intra_op_spin"] is False
+    assert verify_model(auto).name == "tiny-test"
+    changed = tmp_path / "store" / "tiny-test"  # the FP16 file a GPU worker would open is checked too
+    shutil.copytree(store_with_fp16, changed)
+    (changed / "model.fp16.onnx").write_bytes((changed / "model.fp16.onnx").read_bytes() + b"\0")
+    with pytest.raises(ModelStoreError, match="does not match"):
+        verify_model(_serve_config(changed, tmp_path, variant="auto"))
+
+
+def test_check_gpu_opens_the_model_as_the_workers_do(store_with_fp16: Path, tmp_path: Path, monkeypatch):
+    import serving.core.variants as variants
+    from serving.hosts.serve.config import check_gpu
+
+    config = _serve_config(store_with_fp16, tmp_path, variant="auto", require_gpu=True)
+    with pytest.raises(GpuUnavailableError):  # this CPU machine: no GPU provider starts
+        check_gpu(config)
+    monkeypatch.setattr(variants, "Engine", _FakeGpuEngine)
+    monkeypatch.setattr(variants, "resolve_providers", lambda names: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    _FakeGpuEngine.opened = []
+    assert check_gpu(config) == "CUDAExecutionProvider"
+    assert _FakeGpuEngine.opened == ["model.fp16.onnx"]  # the file `auto` picks on a GPU
+
+
+def test_torchserve_archive_holds_the_auto_files(store_with_fp16: Path, tmp_path: Path):
+    import zipfile
+
+    from serving.hosts.torchserve.server import build_archive
+
+    if shutil.which("torch-model-archiver", path=str(Path(__import__("sys").executable).parent)) is None:
+        pytest.skip("torch-model-archiver not installed (the 'serve' extra)")
+    mar = build_archive(_serve_config(store_with_fp16, tmp_path, variant="auto"))
+    names = set(zipfile.ZipFile(mar).namelist())
+    assert {"model.onnx", "model.fp16.onnx", "model.json", "handler.py"} <= names
+    assert "model.int8.onnx" not in names
+
+
+def test_handler_onnxruntime_threads_sleep_unless_asked(tiny_model_dir: Path, monkeypatch):
+    assert _handler(monkeypatch, tiny_model_dir).engine.spin is False
+    assert _handler(monkeypatch, tiny_model_dir, intra_op_spin=True).engine.spin is True
+
+
+def test_engine_backend_serves_variant_auto_as_fp32_on_cpu(store_with_fp16: Path, tmp_path: Path):
+    """A real `deepclust serve --backend engine --variant auto` on the tiny model: it answers, and its worker runs
+    the FP32 file on CPU (ready log line, model-info metric)."""
+    import requests
+    from conftest import free_port
+
+    from serving.hosts.engine_backend.host import EngineHost
+
+    config = _serve_config(
+        store_with_fp16,
+        tmp_path,
+        backend="engine",
+        variant="auto",
+        providers=["cuda", "cpu"],
+        port=free_port(),
+        metrics_port=free_port(),
+        intra_op_threads=1,
+        startup_timeout_s=120,
+    )
+    with EngineHost(config) as host:
+        response = requests.post(f"{config.base_url}/predictions/tiny-test", data=_jpeg(7), timeout=30)
+        assert response.status_code == 200, response.text
+        assert "cluster" in response.json()[0]
+        metrics = requests.get(f"http://127.0.0.1:{config.metrics_port}/metrics", timeout=10).text
+        info = [line for line in metrics.splitlines() if line.startswith("deepclust_model_info{")]
+        assert info and all('provider="cpu"' in line for line in info), info
+        ready = [line for line in host.log_tail().splitlines() if "engine worker ready" in line]
+        assert ready and "on CPUExecutionProvider" in ready[0], host.log_tail()
+        described = json.loads(ready[0].split("on CPUExecutionProvider: ", 1)[1])
+        assert Path(described["model"]).name == "model.onnx" and described["precision"] in (None, "fp32")

@@ -30,7 +30,9 @@ def command(
     ),
     config: Path = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="YAML serve settings."),
     model_store: Path = typer.Option(None, "--model-store", help="Model store folder (default ./model_store)."),
-    variant: str = typer.Option(None, "--variant", help="fp32 | int8 | fp16 (model.onnx, model.int8.onnx, …)."),
+    variant: str = typer.Option(
+        None, "--variant", help="fp32 (default) | int8 | fp16 | auto (FP16 on a GPU provider, FP32 on CPU)."
+    ),
     host: str = typer.Option(None, "--host", help="Inference API address (default 127.0.0.1)."),
     port: int = typer.Option(None, "--port", help="Inference API port (default 8080)."),
     management: str = typer.Option(None, "--management", help="off (default) | loopback (127.0.0.1:8081)."),

@@ -1,11 +1,12 @@
 """An engine worker process of `deepclust serve --backend engine`: `python -m serving.hosts.engine_backend.worker FD`.
 
-It resolves the model through the model store (the sha256 check against the card, again, in the process that loads
-it), opens `serving.core.engine.Engine` (warm-up included), says ready, then answers jobs from the front on the
-socket `FD` until the front closes it: every image of every request of a server-side batch is decoded and resized
-(`serving.core.preprocess`), the good ones run through the engine in one batch and the answers are split back per
-request. A bad image never fails its neighbours. It records the same Prometheus metrics as a TorchServe worker
-(`ServiceMetrics`, multiprocess mode). Settings come in the `DEEPCLUST_ENGINE_WORKER` environment variable (JSON).
+It opens its engine with `serving.core.variants.open_engine` (the model store's resolver: the sha256 check against
+the card, again, in the process that loads it; `variant: auto` picks FP16 on a GPU provider, FP32 on CPU; warm-up
+included), says ready, then answers jobs from the front on the socket `FD` until the front closes it: every image
+of every request of a server-side batch is decoded and resized (`serving.core.preprocess`), the good ones run
+through the engine in one batch and the answers are split back per request. A bad image never fails its
+neighbours. It records the same Prometheus metrics as a TorchServe worker (`ServiceMetrics`, multiprocess mode).
+Settings come in the `DEEPCLUST_ENGINE_WORKER` environment variable (JSON).
 
 Signals: SIGINT is ignored (Ctrl-C reaches the whole terminal process group; the front stops its workers itself with
 SIGTERM); the worker also asks the kernel for SIGTERM when its parent dies, and exits at end-of-file on its socket.
@@ -25,11 +26,11 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from serving.core.engine import Engine, assign
-from serving.core.model_store import resolve_model
+from serving.core.engine import assign
 from serving.core.preprocess import DecodeLimits, ImageError, load_image, resize_for_model
 from serving.core.results import Assignment, ItemError
 from serving.core.runtime import tune_allocator
+from serving.core.variants import open_engine
 from serving.hosts.engine_backend.protocol import decode_job
 
 CONFIG_ENV = "DEEPCLUST_ENGINE_WORKER"
@@ -40,10 +41,11 @@ class Worker:
     """The engine and the per-batch work of one worker process."""
 
     def __init__(self, config: dict) -> None:
-        resolved = resolve_model(config["model_dir"], config["variant"])
         self.limits = DecodeLimits(max_bytes=int(config["max_bytes"]), max_pixels=int(config["max_pixels"]))
-        self.engine = Engine(
-            resolved.file,
+        # The store's resolver checks the opened file's sha256 against the card; `auto` as in serving.core.variants.
+        self.engine = open_engine(
+            config["model_dir"],
+            config["variant"],
             providers=tuple(config["providers"]),
             intra_op_threads=int(config["intra_op_threads"]),
             max_batch=int(config["max_batch"]),

@@ -54,7 +54,11 @@ class ServeConfig(BaseModel):
         "most accurate model whose measured service reaches 100 img/s (model_store/throughput.json)",
     )
     model_store: Path = Field(default_factory=default_model_store)
-    variant: Variant = "fp32"
+    variant: Literal["auto"] | Variant = Field(
+        "fp32",
+        description="fp32 | int8 | fp16 | auto (FP16 on a GPU provider, FP32 on CPU; INT8 only when asked; "
+        "serving.core.variants)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     management: Literal["off", "loopback"] = "off"
@@ -73,7 +77,7 @@ class ServeConfig(BaseModel):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per worker (0 = all cores)")
     intra_op_spin: bool = Field(
         False,
-        description="engine backend: onnxruntime's intra-op threads busy-wait between operators. Off by default: "
+        description="either backend: onnxruntime's intra-op threads busy-wait between operators. Off by default: "
         "the cores are shared with the front, the decoding and other processes (measured: benchmarks/serve_load.py)",
     )
     max_batch: int = Field(64, ge=1, description="largest engine batch (images); bigger ones are split")
@@ -137,7 +141,23 @@ class ServeConfig(BaseModel):
 
     @property
     def model_file(self) -> Path:
-        return variant_file(self.model_dir, self.variant)
+        """The file of `variant`; for `auto`, the FP32 file (what `auto` runs on CPU, and always required)."""
+        return variant_file(self.model_dir, "fp32" if self.variant == "auto" else self.variant)
+
+    @property
+    def model_variants(self) -> list[str]:
+        """The variants a worker may open: `variant`, or for `auto` FP32 and FP16 when the folder has its file
+        (`auto` never picks INT8)."""
+        if self.variant != "auto":
+            return [self.variant]
+        from serving.core.variants import present_variants
+
+        return ["fp32"] + (["fp16"] if "fp16" in present_variants(self.model_dir) else [])
+
+    @property
+    def model_files(self) -> list[Path]:
+        """The files of `model_variants` (the TorchServe archive holds them all)."""
+        return [variant_file(self.model_dir, v) for v in self.model_variants]
 
     @property
     def auth_enabled(self) -> bool:
@@ -155,10 +175,12 @@ class ServeConfig(BaseModel):
     def handler_config(self) -> dict[str, Any]:
         return {
             "model_file": self.model_file.name,
+            "variant": self.variant,
             "model_name": self.model_name,
             "providers": self.providers,
             "require_gpu": self.require_gpu,
             "intra_op_threads": self.intra_op_threads,
+            "intra_op_spin": self.intra_op_spin,
             "max_batch": self.max_batch,
             "max_bytes": self.max_bytes,
             "max_pixels": self.max_pixels,
@@ -180,21 +202,28 @@ def _url_host(host: str) -> str:
 
 
 def verify_model(config: ServeConfig) -> ModelCard:
-    """Refuse to serve a model that is missing or whose file differs from its card (`ModelStoreError`; exit 2)."""
-    resolved: ResolvedModel = resolve_model(config.model_dir, config.variant)
-    if resolved.card is None or resolved.file != config.model_file:
-        raise ModelStoreError(f"deepclust serve serves a model store folder, not a single file: {config.model}")
-    return resolved.card
+    """Refuse to serve a model that is missing or whose file differs from its card (`ModelStoreError`; exit 2).
+    With `variant: auto`, every file a worker may open (`model_files`) is checked."""
+    card: ModelCard | None = None
+    for variant in config.model_variants:
+        resolved: ResolvedModel = resolve_model(config.model_dir, variant)
+        if resolved.card is None or resolved.file != variant_file(config.model_dir, variant):
+            raise ModelStoreError(f"deepclust serve serves a model store folder, not a single file: {config.model}")
+        card = resolved.card
+    assert card is not None
+    return card
 
 
 def check_gpu(config: ServeConfig) -> str:
     """With `require_gpu`, open the model on the configured providers here, before the JVM starts: no GPU provider →
     `GpuUnavailableError` with onnxruntime's reason, so `deepclust serve` exits at once instead of a backend
-    retrying a worker that can never load. The probe session is released before the workers start."""
-    from serving.core.engine import Engine
+    retrying a worker that can never load. The model is opened the way the workers open it
+    (`serving.core.variants.open_engine`: the same file for `auto`, checked against the card). The probe session is
+    released before the workers start."""
+    from serving.core.variants import open_engine
 
-    engine = Engine(config.model_file, providers=config.providers, require_gpu=True, warmup=False)
-    provider = engine.provider
+    engine = open_engine(config.model_dir, config.variant, providers=config.providers, require_gpu=True, warmup=False)
+    provider, file = engine.provider, engine.model_path.name
     del engine
-    log.warning("require_gpu: %s runs %s", config.model_file.name, provider)
+    log.warning("require_gpu: %s (variant %s) runs %s", file, config.variant, provider)
     return provider

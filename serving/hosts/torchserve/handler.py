@@ -110,6 +110,9 @@ class DeepclustHandler:
             "warmup": True,
             "require_gpu": bool(config.get("require_gpu", False)),
             "device_id": int(gpu_id or 0),
+            # onnxruntime's intra-op threads sleep between operators unless `intra_op_spin` (as the engine backend's
+            # workers): the worker's cores are shared with its decoding, the front and the JVM.
+            "spin": bool(config.get("intra_op_spin", False)),
         }
         if config.get("variant") == "auto":
             from serving.core.variants import open_engine

@@ -75,7 +75,7 @@ INTERNAL_TOKEN_MINUTES = 100 * 365 * 24 * 60  # TorchServe's keys when only the 
 def archive_stamp(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> str:
     """Digest of everything inside the archive: a change of model, card or handler makes it stale."""
     digest = hashlib.sha256(b"archive-layout-2")  # bump when the archiver arguments change
-    for path in (config.model_file, config.model_dir / CARD_NAME, handler):
+    for path in (*config.model_files, config.model_dir / CARD_NAME, handler):
         digest.update(path.name.encode())
         digest.update(path.read_bytes() if path.suffix != ".onnx" else sha256_file(path).encode())
     return digest.hexdigest()[:16]
@@ -91,7 +91,7 @@ def build_archive(config: ServeConfig, handler: Path = HANDLER_SOURCE) -> Path:
     store.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=store.parent))
     try:
-        extra = ",".join(str(p) for p in (config.model_file, config.model_dir / CARD_NAME))
+        extra = ",".join(str(p) for p in (*config.model_files, config.model_dir / CARD_NAME))
         archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
             "torch-model-archiver"
         )
@@ -432,7 +432,8 @@ def serve_forever(config: ServeConfig, echo=print) -> int:
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        echo(f"deepclust serve: starting TorchServe for {config.model_name} ({config.model_file.name}) …")
+        files = ", ".join(p.name for p in config.model_files)
+        echo(f"deepclust serve: starting TorchServe for {config.model_name} ({files}, variant {config.variant}) …")
         host.start()
         host.wait_ready()
         url = f"{config.base_url}/predictions/{config.model_name}"
