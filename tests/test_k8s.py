@@ -477,7 +477,7 @@ def test_gpu_rollout_never_waits_for_a_spare_gpu(objects, overlay):
     assert one(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] > rolling["maxUnavailable"]
 
 
-GPU_ONLY_KEYS = {"require_gpu", "workers"}
+GPU_ONLY_KEYS = {"require_gpu", "workers", "variant"}
 
 
 def test_gpu_serve_config_is_the_base_one_plus_gpu_keys():
@@ -488,6 +488,7 @@ def test_gpu_serve_config_is_the_base_one_plus_gpu_keys():
     drifted = {k for k in set(base) | set(gpu) if k not in GPU_ONLY_KEYS and base.get(k) != gpu.get(k)}
     assert not drifted, f"k8s/overlays/gpu/config/serve.yaml differs from the base file in {sorted(drifted)}"
     assert gpu["require_gpu"] is True and "require_gpu" not in base
+    assert gpu["variant"] == "auto" and base["variant"] == "fp32"  # FP16 on the GPU, FP32 on CPU nodes
 
 
 def test_serve_settings_fit_the_overlay(objects, overlay):
