@@ -161,6 +161,7 @@ def run_one(name: str, mode: str, out_dir: Path, extra: list[str]) -> dict[str, 
     seconds = round(time.perf_counter() - started, 1)
     run_dir = out_dir / run_name
     (out_dir / f"{run_name}.stderr.log").write_text(done.stderr)
+    (out_dir / f"{run_name}.stdout.log").write_text(done.stdout)  # the choices and WARNING lines the user sees
     if done.returncode != 0:
         raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr[-3000:]}")
     auto = json.loads((run_dir / "auto.json").read_text())
