@@ -16,7 +16,12 @@ import typer
 def command(
     images: list[Path] = typer.Argument(..., help="Image files to classify."),
     url: str = typer.Option("http://127.0.0.1:8080", "--url", help="Inference API base URL."),
-    model: str = typer.Option("cifar10-lite0", "--model", "-m", help="Model name in the URL."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model name in the URL (default: the one `deepclust serve` serves from the local store when not told).",
+    ),
     token: str = typer.Option(
         None, "--token", envvar="DEEPCLUST_TOKEN", help="Inference bearer token (when token auth is on)."
     ),
@@ -28,7 +33,10 @@ def command(
 
     require("predict")
     from serving.client import Client, ServiceError
+    from serving.core.model_store import default_model_name
     from serving.core.results import ItemError
+
+    model = model or default_model_name()  # the same rule as `deepclust serve` without --model
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
