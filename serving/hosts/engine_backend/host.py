@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import threading
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ from aiohttp import web
 
 from serving.hosts.engine_backend.pool import EnginePool, worker_environment
 from serving.hosts.engine_backend.requests import parse_request
-from serving.hosts.serve.config import ServeConfig, _url_host, check_gpu, verify_model
+from serving.hosts.serve.config import ServeConfig, check_gpu, verify_model
 from serving.hosts.serve.front import Front, Item, json_response, settings_from, warmup_image
+from serving.hosts.serve.lifecycle import ManagedHost, common_ready_lines, run_in_foreground
 
 BIG_BODY = 256 * 1024  # request bodies parsed off the event loop above this size
 
@@ -70,7 +70,7 @@ async def _maybe_thread(fn, in_thread: bool, *args):
     return await asyncio.to_thread(fn, *args) if in_thread else fn(*args)
 
 
-class EngineHost:
+class EngineHost(ManagedHost):
     """The engine backend for one model: `start()`, `wait_ready()`, `stop()`; also a context manager."""
 
     def __init__(self, config: ServeConfig) -> None:
@@ -191,49 +191,30 @@ class EngineHost:
             server.server_close()
             self.metrics_server = None
 
-    def __enter__(self) -> EngineHost:
-        try:
-            self.start()
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def serve_forever(config: ServeConfig, echo=print) -> int:
     """Start, print where everything is, block until Ctrl-C/SIGTERM; exit code."""
     host = EngineHost(config)
-    stopped = threading.Event()
 
-    def _on_signal(signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        echo(f"deepclust serve: starting {config.workers} engine worker(s) for {config.model_name} …")
-        host.start()
-        host.wait_ready()
+    def ready() -> list[str]:
+        head, tail = common_ready_lines(config, host.key_file)
         url = f"{config.base_url}/predictions/{config.model_name}"
-        echo(f"ready (engine backend, no JVM): POST images to {url}")
-        echo(f"  try: curl --data-binary @cat.jpg {url}")
-        echo(f"  Open Inference Protocol: {config.base_url}/v2/models/{config.model_name}/infer")
-        echo(f"  deepclust metrics: http://{_url_host(config.metrics_host)}:{config.metrics_port}/metrics")
-        if config.auth_enabled:
-            echo(f"  token authorization ON: key file {host.key_file} (0600)")
-            echo("  send 'Authorization: Bearer <inference key>' (deepclust predict --key-file …)")
-        else:
-            echo("  token authorization off (every API is bound to loopback)")
-        echo(f"  worker logs: {host.log_dir}   (Ctrl-C stops)")
-        stopped.wait()
+        return [
+            f"ready (engine backend, no JVM): POST images to {url}",
+            *head,
+            *tail,
+            f"  worker logs: {host.log_dir}   (Ctrl-C stops)",
+        ]
+
+    def wait() -> int:
+        threading.Event().wait()  # until a signal interrupts it
         return 0
-    except KeyboardInterrupt:
-        echo("stopping the engine workers …")
-        return 0
-    finally:
-        host.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+    return run_in_foreground(
+        host,
+        starting=f"deepclust serve: starting {config.workers} engine worker(s) for {config.model_name} …",
+        ready=ready,
+        wait=wait,
+        stopping="stopping the engine workers …",
+        echo=echo,
+    )

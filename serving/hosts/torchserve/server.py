@@ -64,6 +64,7 @@ from serving.hosts.serve.config import (  # noqa: F401 - re-exported: callers im
     default_cache_dir,
     verify_model,
 )
+from serving.hosts.serve.lifecycle import ManagedHost, common_ready_lines, run_in_foreground
 
 log = logging.getLogger("deepclust.serve")
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")  # copied into the .mar archive by torch-model-archiver
@@ -204,7 +205,7 @@ def render_properties(config: ServeConfig, store: Path, state: Path, backend_por
 
 
 # --------------------------------------------------------------------------------------------------- process
-class TorchServeHost:
+class TorchServeHost(ManagedHost):
     """One TorchServe instance for one model: `start()`, `wait_ready()`, `stop()`; also a context manager."""
 
     def __init__(self, config: ServeConfig, handler: Path = HANDLER_SOURCE) -> None:
@@ -408,55 +409,35 @@ class TorchServeHost:
             self.metrics_server = None
         (self.state / "management.sock").unlink(missing_ok=True)
 
-    def __enter__(self) -> TorchServeHost:
-        try:
-            self.start()
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def serve_forever(config: ServeConfig, echo=print) -> int:
     """Start, print where everything is, block until Ctrl-C/SIGTERM or TorchServe exits; exit code."""
     host = TorchServeHost(config)
-    stopping = {"signal": None}
 
-    def _on_signal(signum, _frame):
-        stopping["signal"] = signum
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        files = ", ".join(p.name for p in config.model_files)
-        echo(f"deepclust serve: starting TorchServe for {config.model_name} ({files}, variant {config.variant}) …")
-        host.start()
-        host.wait_ready()
-        url = f"{config.base_url}/predictions/{config.model_name}"
-        echo(f"ready: POST images to {url}")
-        echo(f"  try: curl --data-binary @cat.jpg {url}")
-        echo(f"  deepclust metrics: http://{_url_host(config.metrics_host)}:{config.metrics_port}/metrics")
-        echo(f"  TorchServe metrics: http://127.0.0.1:{config.torchserve_metrics_port}/metrics")
-        echo(f"  TorchServe inference API (internal, behind the front): http://127.0.0.1:{host.backend_port}")
+    def ready() -> list[str]:
+        head, tail = common_ready_lines(config, host.key_file)
         management = f"http://127.0.0.1:{config.management_port}" if config.management == "loopback" else "off"
-        echo(f"  management API: {management}")
-        if config.auth_enabled:
-            echo(f"  token authorization ON: key file {host.key_file} (0600)")
-            echo("  send 'Authorization: Bearer <inference key>' (deepclust predict --key-file …)")
-        else:
-            echo("  token authorization off (every API is bound to loopback)")
-        echo(f"  logs: {host.log_dir}   (Ctrl-C stops)")
+        return [
+            f"ready: POST images to {config.base_url}/predictions/{config.model_name}",
+            *head,
+            f"  TorchServe metrics: http://127.0.0.1:{config.torchserve_metrics_port}/metrics",
+            f"  TorchServe inference API (internal, behind the front): http://127.0.0.1:{host.backend_port}",
+            f"  management API: {management}",
+            *tail,
+            f"  logs: {host.log_dir}   (Ctrl-C stops)",
+        ]
+
+    def wait() -> int:
         code = host.process.wait()
         echo(f"TorchServe exited with code {code}\n{host.log_tail()}")
         return 1
-    except KeyboardInterrupt:
-        echo("stopping TorchServe …")
-        return 0
-    finally:
-        host.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+    files = ", ".join(p.name for p in config.model_files)
+    return run_in_foreground(
+        host,
+        starting=f"deepclust serve: starting TorchServe for {config.model_name} ({files}, variant {config.variant}) …",
+        ready=ready,
+        wait=wait,
+        stopping="stopping TorchServe …",
+        echo=echo,
+    )
