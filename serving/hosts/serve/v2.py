@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from serving.hosts.serve.front import STATE, FrontError, Item, call_backend, check_model, read_body
+from serving.hosts.serve.plumbing import STATE, FrontError, Item, call_backend, check_model, read_body
 
 OUTPUTS = {"cluster": "INT64", "confidence": "FP32", "label": "BYTES", "error": "BYTES"}
 BINARY_HEADER = "Inference-Header-Content-Length"
