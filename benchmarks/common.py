@@ -27,8 +27,8 @@ def commit() -> str:
     return f"{sha}+dirty" if dirty else sha
 
 
-def machine() -> str:
-    """A short, comparable description of the machine a figure was measured on."""
+def machine(gpu: str | None = None) -> str:
+    """A short, comparable description of the machine a figure was measured on (`gpu`: its GPU, when one ran)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -37,7 +37,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cpus, no GPU"
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cpus, {gpu or 'no GPU'}"
 
 
 def provenance() -> dict[str, str]:

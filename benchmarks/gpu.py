@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, commit, print_table  # noqa: E402
+from benchmarks.common import RESULTS_DIR, commit, machine, print_table  # noqa: E402
 from serving.core.contract import VARIANT_FILES, VARIANTS  # noqa: E402
 from serving.core.engine import GPU_PROVIDERS, Engine  # noqa: E402
 from serving.core.preprocess import load_image  # noqa: E402
@@ -95,21 +95,6 @@ def process_memory_mb(pid: int) -> float | None:
     return sum(used) if used else None
 
 
-def machine(gpu: dict[str, Any]) -> str:
-    """`benchmarks.common.machine()` describes the CPU only; here the GPU (or its absence) is part of it."""
-    import platform
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cpus, {gpu['gpu'] or 'no GPU'}"
-
-
 # ------------------------------------------------------------------------------------------------------ images
 def synthetic_jpegs(n: int, size: int = 32, seed: int = 0) -> list[bytes]:
     from PIL import Image
@@ -125,19 +110,9 @@ def synthetic_jpegs(n: int, size: int = 32, seed: int = 0) -> list[bytes]:
 
 def real_jpegs(n: int) -> list[bytes] | None:
     """The first `n` CIFAR-10 test JPEGs of the shared data (`$DEEPCLUST_DATA`), None when absent."""
-    import tarfile
+    from benchmarks.serve_load import cifar10_test_tar, load_images
 
-    data = Path(os.environ.get("DEEPCLUST_DATA", ROOT.parent / "shared" / "data")) / "cifar10" / "test.tar"
-    if not data.is_file():
-        return None
-    images = []
-    with tarfile.open(data) as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                images.append(tar.extractfile(member).read())
-                if len(images) >= n:
-                    break
-    return images
+    return load_images(n) if cifar10_test_tar().is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------------ engine
@@ -303,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         **gpu,
         "providers_asked": args.providers,
         "commit": commit(),
-        "machine": machine(gpu),
+        "machine": machine(gpu["gpu"]),
         "command": command,
     }
     rows = [{**row, **context} for row in rows]

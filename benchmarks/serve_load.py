@@ -92,10 +92,15 @@ def backend_rss(host) -> dict[str, int]:
     return out
 
 
+def cifar10_test_tar() -> Path:
+    """The shared data's CIFAR-10 test JPEGs (`$DEEPCLUST_DATA`, else `../shared/data`)."""
+    return Path(os.environ.get("DEEPCLUST_DATA", ROOT.parent / "shared" / "data")) / "cifar10" / "test.tar"
+
+
 def load_images(n: int) -> list[bytes]:
-    data = Path(os.environ.get("DEEPCLUST_DATA", ROOT.parent / "shared" / "data")) / "cifar10" / "test.tar"
+    """The first `n` CIFAR-10 test JPEGs, as encoded bytes (what clients post)."""
     images = []
-    with tarfile.open(data) as tar:
+    with tarfile.open(cifar10_test_tar()) as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(".jpg"):
                 images.append(tar.extractfile(member).read())
