@@ -100,22 +100,8 @@ class Worker:
                 result.top_k = result.top_k[:wanted] if wanted and result.top_k else None
                 answers[r][i] = result
         public = [[_public(item) for item in answer] for answer in answers]
-        self._observe(public, len(arrays), seconds)
+        self.metrics.observe_batch(public, len(arrays), seconds)
         return json.dumps({"results": public}).encode()
-
-    def _observe(self, answers: list[list[dict]], batch: int, seconds: float) -> None:
-        m = self.metrics
-        if batch:
-            m.inference_duration.observe(seconds)
-            m.batch_size.observe(batch)
-        for answer in answers:
-            for item in answer:
-                if "error" in item:
-                    m.images.labels(outcome=item["error"]["code"]).inc()
-                else:
-                    m.images.labels(outcome="ok").inc()
-                    m.cluster_assignments.labels(cluster=str(item["cluster"])).inc()
-                    m.confidence.observe(item["confidence"])
 
 
 def _public(item: Assignment | ItemError | None) -> dict:

@@ -106,6 +106,21 @@ class ServiceMetrics:
                 cls._instance = cls()
             return cls._instance
 
+    def observe_batch(self, answers: list[list[dict]], batch: int, seconds: float) -> None:
+        """One server-side batch: its size and onnxruntime time (when any image reached the engine), then every
+        answered item: its outcome and, when assigned, its cluster and confidence."""
+        if batch:
+            self.inference_duration.observe(seconds)
+            self.batch_size.observe(batch)
+        for answer in answers:
+            for item in answer:
+                if "error" in item:
+                    self.images.labels(outcome=item["error"]["code"]).inc()
+                else:
+                    self.images.labels(outcome="ok").inc()
+                    self.cluster_assignments.labels(cluster=str(item["cluster"])).inc()
+                    self.confidence.observe(item["confidence"])
+
     def set_model(self, model: str, method: str, k: int, sha: str, provider: str = "cpu") -> None:
         """`provider` is the onnxruntime provider actually running (`cuda`, `cpu`, …): a pod that lost its GPU
         shows `cpu` here."""

@@ -250,23 +250,15 @@ class DeepclustHandler:
     def _observe(self, parsed, responses, batch_size, inference_seconds) -> None:
         """Per-image and per-batch metrics. Requests and their end-to-end latency are counted by the HTTP front
         (`front.py`), which also sees TorchServe's queueing and the requests refused before this handler."""
-        m = self.metrics
-        if m is None:
+        if self.metrics is None:
             return
-        if batch_size:
-            m.inference_duration.observe(inference_seconds)
-            m.batch_size.observe(batch_size)
+        answered = []
         for p, response in zip(parsed, responses, strict=True):
-            if p.request_error is not None:
-                m.images.labels(outcome="bad_request").inc()
-                continue
-            for item in response:
-                if "error" in item:
-                    m.images.labels(outcome=item["error"]["code"]).inc()
-                else:
-                    m.images.labels(outcome="ok").inc()
-                    m.cluster_assignments.labels(cluster=str(item["cluster"])).inc()
-                    m.confidence.observe(item["confidence"])
+            if p.request_error is not None:  # the request's one error item is counted as a bad request
+                self.metrics.images.labels(outcome="bad_request").inc()
+            else:
+                answered.append(response)
+        self.metrics.observe_batch(answered, batch_size, inference_seconds)
 
 
 def decode_threads(config: dict[str, Any], provider: str) -> int:
