@@ -295,6 +295,66 @@ def test_unusable_requests_are_400_with_one_error_item(session, url, images, dat
     assert session.post(url, data=images[0], timeout=30).status_code == 200  # still serving
 
 
+def _top_k_field(value: bytes, image: bytes) -> tuple[bytes, str]:
+    """multipart: one image file and a text field `top_k`."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n'.encode()
+        + value
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize(
+    ("top_k", "message"),
+    [
+        (True, "top_k must be an integer, got True"),
+        (False, "top_k must be an integer, got False"),
+        (2.5, "top_k must be an integer, got 2.5"),
+        ("three", "top_k must be an integer, got 'three'"),
+        ([3], "top_k must be an integer, got [3]"),
+        (21, "top_k must be between 0 and 20"),
+        (-1, "top_k must be between 0 and 20"),
+    ],
+    ids=["true", "false", "fraction", "word", "list", "too-many", "negative"],
+)
+def test_top_k_one_parser_on_both_backends(session, url, images, top_k, message):
+    """One `top_k` parser (serving.core.options) for both backends (issue #21): a boolean is not a count; the same
+    400 with the same one-item error JSON, byte for byte in content, whichever backend answers."""
+    payload = {"images": [base64.b64encode(images[0]).decode()], "top_k": top_k}
+    response = session.post(url, json=payload, timeout=30)
+    assert response.status_code == 400, response.text[:300]
+    assert response.json() == [{"error": {"code": "bad_request", "message": message}}]
+
+
+@pytest.mark.parametrize(
+    ("value", "asked"),
+    [(b"2", 2), (b"true", None), (b"2.0", None), (b"", 0)],
+    ids=["two", "true", "decimal-text", "empty"],
+)
+def test_top_k_form_field_and_integral_json_number(session, url, images, value, asked):
+    """The multipart text field goes through the same parser: "true" and "2.0" are refused (text, not a count), an
+    empty field means no top-k. An integral JSON number (`2.0`) is a count."""
+    body, content_type = _top_k_field(value, images[0])
+    response = session.post(url, data=body, headers={"Content-Type": content_type}, timeout=30)
+    if asked is None:
+        assert response.status_code == 400, response.text[:300]
+        text = value.decode()
+        assert response.json() == [
+            {"error": {"code": "bad_request", "message": f"top_k must be an integer, got {text!r}"}}
+        ]
+        return
+    assert response.status_code == 200, response.text[:300]
+    item = response.json()[0]
+    assert ("top_k" in item) == bool(asked) and len(item.get("top_k") or []) == asked
+    payload = {"images": [base64.b64encode(images[0]).decode()], "top_k": 2.0}
+    assert len(session.post(url, json=payload, timeout=30).json()[0]["top_k"]) == 2
+
+
 @pytest.mark.parametrize("content_type", ["image/png", "application/x-www-form-urlencoded", None, "text/plain"])
 def test_raw_bodies_whatever_their_type_are_one_image(service, url, auth, images, engine, content_type):
     headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
@@ -533,6 +593,40 @@ def test_v2_infer_bytes_and_uint8_json_and_binary(service, session, images, engi
     binary = session.post(infer, data=header + pixels.tobytes(), timeout=60,
                           headers={"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
     assert _columns(binary.json())["cluster"] == as_png
+
+
+def test_v2_a_kserve_v2_client_works_unchanged(service, images, engine):
+    """NVIDIA's Triton client (`tritonclient[http]`, a KServe v2 / Open Inference Protocol client, installed by the
+    dev extra) against the front, unchanged: health, metadata, and inference with BYTES images sent as the binary
+    tensor extension and as JSON (base64 text), UINT8 pixels, requested outputs; the answers equal the engine's."""
+    import tritonclient.http as triton
+
+    name = service.config.model_name
+    headers = _auth(service)  # a fresh dict per call: the client adds its binary header to the dict it is given
+    client = triton.InferenceServerClient(service.config.base_url.removeprefix("http://"), connection_timeout=30)
+    try:
+        assert client.is_server_live(headers=dict(headers)) and client.is_server_ready(headers=dict(headers))
+        assert client.is_model_ready(name, headers=dict(headers))
+        assert client.get_server_metadata(headers=dict(headers))["name"] == "deepclust"
+        assert client.get_model_metadata(name, headers=dict(headers))["name"] == name
+        want = [expected(engine, data) for data in images[:3]]
+        for binary in (True, False):
+            data = images[:3] if binary else [base64.b64encode(i) for i in images[:3]]
+            tensor = triton.InferInput("images", [3], "BYTES")
+            tensor.set_data_from_numpy(np.array(data, dtype=np.object_), binary_data=binary)
+            result = client.infer(name, [tensor], headers=dict(headers))
+            assert result.as_numpy("cluster").tolist() == [w["cluster"] for w in want], binary
+            np.testing.assert_allclose(result.as_numpy("confidence"), [w["confidence"] for w in want], rtol=1e-4)
+            assert [e in ("", b"") for e in result.as_numpy("error").tolist()] == [True] * 3
+        pixels = np.stack([np.asarray(Image.open(io.BytesIO(images[i])).convert("RGB")) for i in (0, 1)])
+        tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels, binary_data=True)
+        outputs = [triton.InferRequestedOutput("cluster", binary_data=False)]
+        result = client.infer(name, [tensor], outputs=outputs, headers=dict(headers))
+        assert result.as_numpy("cluster").tolist() == [expected(engine, png(p))["cluster"] for p in pixels]
+        assert result.as_numpy("confidence") is None  # only the output asked for
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize(

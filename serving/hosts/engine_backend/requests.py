@@ -8,6 +8,8 @@ requests against both backends and compares):
   is the option, any other text field is a per-item `bad_request`; a body with no part, a part without a name or a
   missing boundary is a request error. Parsed with python-multipart (the parser Starlette uses), not by hand;
 - any other body (`curl --data-binary`: form-encoded, untyped, `image/*`, …): the raw bytes are one image;
+- `top_k` (JSON member or form field) goes through the one parser both backends use, `serving.core.options.parse_top_k`
+  (a boolean is refused: `true` is not a count).
 A request error becomes a 400 with a one-item error list; per-item problems are decided by the decoder in the worker.
 """
 
@@ -24,11 +26,11 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+from serving.core.options import OPTION_KEYS, parse_top_k
+
 # python-multipart logs every malformed body (a client's fault, answered 400) at WARNING: a hostile client could
 # flood the log with it.
 logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
-OPTION_KEYS = {"top_k"}
-MAX_TOP_K = 20
 
 
 @dataclass
@@ -38,22 +40,6 @@ class ParsedRequest:
     items: list[bytes | str] = field(default_factory=list)  # str = the message of a per-item bad_request
     top_k: int = 0
     request_error: str | None = None
-
-
-def parse_top_k(value: Any) -> int:
-    if value is None or value == "":
-        return 0
-    if isinstance(value, bytes | bytearray):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, bool):
-        raise ValueError(f"top_k must be an integer, got {value!r}")
-    try:
-        top_k = int(value)
-    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: JSON `1e999`/`Infinity`
-        raise ValueError(f"top_k must be an integer, got {value!r}") from exc
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k must be between 0 and {MAX_TOP_K}")
-    return top_k
 
 
 def parse_request(body: bytes, content_type: str | None) -> ParsedRequest:

@@ -44,13 +44,12 @@ import numpy as np
 from serving.core.contract import VARIANT_FILES
 from serving.core.engine import GPU_PROVIDERS, Engine, assign
 from serving.core.model_store import resolve_model
+from serving.core.options import OPTION_KEYS, parse_top_k
 from serving.core.preprocess import DecodeLimits, ImageError, load_image
 from serving.core.results import Assignment, ItemError
 
 log = logging.getLogger("deepclust.handler")
 CONFIG_ENV = "DEEPCLUST_HANDLER_CONFIG"
-OPTION_KEYS = {"top_k"}  # query parameters / form fields that are options, not images
-MAX_TOP_K = 20
 
 
 @dataclass
@@ -162,7 +161,7 @@ class DeepclustHandler:
     def parse_request(self, request: dict, body_type: str | None = None) -> ParsedRequest:
         parsed = ParsedRequest()
         try:
-            parsed.top_k = _parse_top_k(request.get("top_k"))
+            parsed.top_k = parse_top_k(request.get("top_k"))
             body = request.get("body") if "body" in request else request.get("data")
             if body_type and body_type.startswith("application/json") and not isinstance(body, dict | list):
                 raise ValueError("the body is declared as JSON but is not valid JSON")
@@ -193,7 +192,7 @@ class DeepclustHandler:
         if not isinstance(images, list):
             raise ValueError('a JSON request must be {"images": ["<base64>", ...]}')
         if "top_k" in body:
-            parsed.top_k = _parse_top_k(body["top_k"])
+            parsed.top_k = parse_top_k(body["top_k"])
         for n, encoded in enumerate(images):
             if not isinstance(encoded, str):
                 parsed.items.append(ItemError.of("bad_request", f"images[{n}] is not a base64 string"))
@@ -287,20 +286,6 @@ def _public(item: Assignment | ItemError) -> dict:
     if isinstance(item, Assignment):
         return item.public()
     return item.model_dump()
-
-
-def _parse_top_k(value: Any) -> int:
-    if value is None or value == "":
-        return 0
-    if isinstance(value, bytes | bytearray):
-        value = value.decode("utf-8", "replace")
-    try:
-        top_k = int(value)
-    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: JSON `1e999`/`Infinity`
-        raise ValueError(f"top_k must be an integer, got {value!r}") from exc
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"top_k must be between 0 and {MAX_TOP_K}")
-    return top_k
 
 
 def _as_bytes(body: Any) -> bytes:
