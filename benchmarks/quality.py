@@ -86,8 +86,11 @@ SUITES: dict[str, dict[str, Experiment]] = {
         "turtle": Experiment("turtle", "cifar10_spaces_turtle.yaml"),
         **{
             f"turtle-{b}": Experiment("turtle", "cifar10_spaces_turtle.yaml", (f"model.backbone={b}",))
-            for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")  # Lite1 also joins with model.backbone=[...]
+            for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")
         },
+        "turtle-3spaces": Experiment(  # every wheel-shipped space (the row's backbone names them)
+            "turtle", "cifar10_spaces_turtle.yaml", ("model.backbone=[effnet_lite0,effnet_lite1,effnet_lite2]",)
+        ),
         **_scan_rows("cifar10_spaces_scan.yaml"),
         **_scan_rows("cifar10_spaces_scan.yaml", "officialviews", OFFICIAL_VIEWS),
     },
