@@ -182,3 +182,39 @@ def test_evaluate_command_reports_the_checkpoint_end_to_end(tmp_path: Path) -> N
     assert sum(full["cluster_sizes"].values()) == metrics["n"] and len(full["confusion"]) >= 2
     missing = subprocess.run([*cli, str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope" in missing.stderr
+
+
+def test_cached_rows_come_a_batch_at_a_time_with_the_per_sample_semantics() -> None:
+    """The DataLoader gets a whole batch from one gather (no per-sample Python call), and each view is still a row of
+    the sample's own passes, two distinct passes per pair; the neighbour side is one of the sample's neighbours."""
+    from torch.utils.data import DataLoader
+
+    from training.data.views import CachedPasses, collate_rows
+    from training.methods.scan import NeighbourPairs, WeakStrongPasses
+
+    n, d = 64, 3
+    passes = [np.full((n, d), p, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None] * 10 for p in range(3)]
+    labels = np.arange(n) % 4
+    torch.manual_seed(0)
+    dataset = CachedPasses(passes, labels, num_views=2)
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, collate_fn=collate_rows)
+    seen = []
+    for view1, view2, batch_labels, index in loader:
+        assert view1.shape == (16, d) and batch_labels.dtype == torch.long and index.dtype == torch.long
+        for v in (view1, view2):  # row i of some pass: value = 10 * index + pass
+            assert torch.equal(torch.div(v[:, 0], 10, rounding_mode="floor").long(), index)
+        assert torch.all(view1[:, 0] != view2[:, 0])  # two different passes of one sample
+        assert torch.equal(batch_labels, torch.from_numpy(labels)[index])
+        seen.append(index)
+    assert sorted(torch.cat(seen).tolist()) == list(range(n))
+    one = dataset[5]
+    assert one[0].shape == (d,) and one[2] == 1 and one[3] == 5
+
+    neighbours = (np.arange(n)[:, None] + np.array([[1, 2]])) % n
+    pairs = NeighbourPairs(neighbours, labels, passes=passes[:1], include_self=False)
+    anchor, partner, _, index = pairs.rows(torch.arange(n))
+    offset = (partner[:, 0] - anchor[:, 0]) / 10 % n
+    assert set(offset.long().tolist()) <= {1, 2} and torch.equal(anchor[:, 0].long(), index * 10)
+
+    weak, strong, _, index = WeakStrongPasses(passes[:1], passes[1:], labels).rows(torch.tensor([3, 7]))
+    assert weak[:, 0].tolist() == [30.0, 70.0] and set(strong[:, 0].tolist()) <= {31.0, 32.0, 71.0, 72.0}

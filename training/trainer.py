@@ -37,6 +37,7 @@ from training.data.views import (
     Strong,
     apply_batched,
     cached_view_names,
+    collate_rows,
     data_augmentation,
     eval_transform,
     named_pass,
@@ -297,6 +298,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             worker_init_fn=seed_worker,
+            collate_fn=collate_rows if getattr(dataset, "batchable", False) else None,
         )
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,53 @@ class MultiView(Dataset):
         return (*views, label, index)
 
 
-class CachedPasses(Dataset):
+def random_rows(passes: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Rows `index`, each from one of `passes` drawn uniformly (torch's RNG): one gather per pass."""
+    if len(passes) == 1:
+        return passes[0][index]
+    return _rows_by_choice(passes, index, torch.randint(len(passes), (len(index),)))
+
+
+def _rows_by_choice(passes: Sequence[torch.Tensor], index: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    out = passes[0].new_empty((len(index), *passes[0].shape[1:]))
+    for position, rows in enumerate(passes):
+        mask = choice == position
+        out[mask] = rows[index[mask]]
+    return out
+
+
+class BatchedRows(Dataset):
+    """A dataset of cached feature rows that hands the DataLoader a whole batch from one gather (`rows`).
+
+    Why: the per-sample path (one Python `__getitem__` per sample, then stacking) cost 30 ms per batch of 512 and
+    1 s per batch of 10,000 on this CPU (`benchmarks/cli_speed.py` has the figures), more than a head's training step.
+    The trainer's loader passes `collate_rows` for these datasets; `dataset[i]` still returns one sample.
+    """
+
+    def rows(self, index: torch.Tensor) -> tuple:
+        """(view tensors [B, ...], labels [B] int64, indices [B] int64) for the sample indices `index`."""
+        raise NotImplementedError
+
+    @property
+    def batchable(self) -> bool:
+        return True
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple | list:
+        if not self.batchable:  # one sample at a time, collated by the DataLoader's default
+            return [self[i] for i in indices]
+        return self.rows(torch.as_tensor(list(indices), dtype=torch.long))
+
+    def __getitem__(self, index: int) -> tuple:
+        *views, labels, indices = self.rows(torch.tensor([index]))
+        return (*(v[0] for v in views), int(labels[0]), int(indices[0]))
+
+
+def collate_rows(batch: tuple) -> tuple:
+    """The DataLoader's collate for `BatchedRows`: the batch is already one."""
+    return batch
+
+
+class CachedPasses(BatchedRows):
     """Views as cached frozen-backbone feature passes: item -> (`num_views` rows of different passes, label, index).
 
     Each view of a sample is a different pass drawn at random (with replacement when there are fewer passes than
@@ -210,7 +256,7 @@ class CachedPasses(Dataset):
 
     def __init__(self, passes: Sequence[np.ndarray | torch.Tensor], labels: np.ndarray, num_views: int = 2) -> None:
         self.passes = [torch.as_tensor(p) for p in passes]
-        self.labels = np.asarray(labels)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.num_views = num_views
 
     def replace_pass(self, position: int, features: np.ndarray | torch.Tensor) -> None:
@@ -220,14 +266,16 @@ class CachedPasses(Dataset):
     def __len__(self) -> int:
         return int(self.passes[0].shape[0])
 
-    def __getitem__(self, index: int) -> tuple:
-        import random
-
-        if len(self.passes) >= self.num_views:
-            chosen = random.sample(range(len(self.passes)), self.num_views)
+    def rows(self, index: torch.Tensor) -> tuple:
+        count = len(self.passes)
+        if count == 1:  # e.g. TURTLE's one clean pass
+            return (*[self.passes[0][index]] * self.num_views, self.labels[index], index)
+        if count >= self.num_views:  # distinct passes per sample: the first views of a random permutation
+            choice = torch.rand(len(index), count).argsort(dim=1)[:, : self.num_views]
         else:
-            chosen = [random.randrange(len(self.passes)) for _ in range(self.num_views)]
-        return (*(self.passes[c][index] for c in chosen), int(self.labels[index]), index)
+            choice = torch.randint(count, (len(index), self.num_views))
+        views = [_rows_by_choice(self.passes, index, choice[:, v]) for v in range(self.num_views)]
+        return (*views, self.labels[index], index)
 
 
 def apply_batched(

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from training.data.views import Clean, Recipe, Strong
+from training.data.views import BatchedRows, Clean, Recipe, Strong, random_rows
 from training.losses.contrastive import entropy_of_mean, nt_xent
 from training.methods.base import Batch, Method, MethodContext, Stage, StepStage, StopStage, register_method
 from training.mining import NEIGHBOURS_FILE, Neighbours, mine
@@ -137,12 +137,13 @@ def check_collapse(assignments: np.ndarray | torch.Tensor, k: int, limit: float,
 
 
 # --------------------------------------------------------------------------------------------------- datasets
-class NeighbourPairs(Dataset):
+class NeighbourPairs(BatchedRows):
     """Item i -> (view of sample i, view of a random one of its mined neighbours, label, i).
 
-    `passes` given: views are rows of cached feature passes (a random pass per side). Otherwise `base` is an image
-    dataset and `transforms[0]` / `transforms[1]` make the anchor's and the neighbour's view. `include_self`: the
-    partner is drawn among the neighbours and the sample itself (two augmentations of one image), as officially.
+    `passes` given: views are rows of cached feature passes (a random pass per side), read a batch at a time.
+    Otherwise `base` is an image dataset and `transforms[0]` / `transforms[1]` make the anchor's and the neighbour's
+    view, one sample at a time. `include_self`: the partner is drawn among the neighbours and the sample itself (two
+    augmentations of one image), as officially.
     """
 
     def __init__(
@@ -158,40 +159,45 @@ class NeighbourPairs(Dataset):
         neighbours = np.asarray(neighbours)
         if include_self:  # official SCAN: the partner is drawn among the k neighbours *and* the sample itself
             neighbours = np.concatenate([np.arange(len(neighbours))[:, None], neighbours], axis=1)
-        self.neighbours = neighbours
-        self.labels = np.asarray(labels)
+        self.neighbours = torch.as_tensor(neighbours, dtype=torch.long)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.passes = [torch.from_numpy(p) for p in passes] if passes is not None else None
         self.base, self.transforms = base, list(transforms)
+
+    @property
+    def batchable(self) -> bool:
+        return self.passes is not None
 
     def __len__(self) -> int:
         return int(self.neighbours.shape[0])
 
-    def _view(self, index: int, side: int) -> torch.Tensor:
-        if self.passes is not None:
-            return self.passes[random.randrange(len(self.passes))][index]
-        image, _ = self.base[index]  # type: ignore[index]
-        return self.transforms[side](image)
+    def rows(self, index: torch.Tensor) -> tuple:
+        assert self.passes is not None, "image datasets are read one sample at a time"
+        partner = self.neighbours[index, torch.randint(self.neighbours.shape[1], (len(index),))]
+        return random_rows(self.passes, index), random_rows(self.passes, partner), self.labels[index], index
 
     def __getitem__(self, index: int) -> tuple:
+        if self.passes is not None:
+            return super().__getitem__(index)
         neighbour = int(self.neighbours[index, random.randrange(self.neighbours.shape[1])])
-        return self._view(index, 0), self._view(neighbour, 1), int(self.labels[index]), index
+        image, _ = self.base[index]  # type: ignore[index]
+        partner, _ = self.base[neighbour]  # type: ignore[index]
+        return self.transforms[0](image), self.transforms[1](partner), int(self.labels[index]), index
 
 
-class WeakStrongPasses(Dataset):
+class WeakStrongPasses(BatchedRows):
     """Item i -> (weak view, strong view, label, i) from cached passes (a random pass of each list)."""
 
     def __init__(self, weak: list[np.ndarray], strong: list[np.ndarray], labels: np.ndarray) -> None:
         self.weak = [torch.from_numpy(p) for p in weak]
         self.strong = [torch.from_numpy(p) for p in strong]
-        self.labels = np.asarray(labels)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def __len__(self) -> int:
         return int(self.weak[0].shape[0])
 
-    def __getitem__(self, index: int) -> tuple:
-        weak = self.weak[random.randrange(len(self.weak))][index]
-        strong = self.strong[random.randrange(len(self.strong))][index]
-        return weak, strong, int(self.labels[index]), index
+    def rows(self, index: torch.Tensor) -> tuple:
+        return random_rows(self.weak, index), random_rows(self.strong, index), self.labels[index], index
 
 
 # --------------------------------------------------------------------------------------------------- stages
