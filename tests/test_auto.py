@@ -1,5 +1,6 @@
-"""`deepclust train DIR` with no config: the folder inspection, the recipe rules, sizing in steps, the label-free K
-criterion and candidate choice, and the path folder -> train -> export -> label on real images (no mocks)."""
+"""`deepclust train DIR` with no config: the folder inspection, the recipe rules, sizing in steps (the default budget
+planned with recorded speeds), the label-free K criterion and candidate choice, and the path folder -> train ->
+export -> serve (a real server, curl) -> label on real images (no mocks)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from deepclust.cli import app
-from training.auto import RECIPES, Budget, FolderFacts, Speeds, inspect_folder, pick, size
+from training.auto import (
+    AUTO_RESERVE_SECONDS,
+    AUTO_TARGET_SECONDS,
+    DEFAULT_BUDGET,
+    RECIPES,
+    REFERENCE,
+    Budget,
+    FolderFacts,
+    Speeds,
+    inspect_folder,
+    pick,
+    size,
+)
 from training.autorun import select_candidate
 from training.kselect import estimate_k
 
@@ -84,7 +97,12 @@ def test_picker_decides_from_measurements_not_names(grey_folder: Path, colour_fo
         pick(many_grey, ["nope"])
 
 
-def test_budget_is_steps_or_wall_time() -> None:
+def test_budget_is_auto_steps_or_wall_time() -> None:
+    auto = Budget.parse("auto")
+    assert auto.auto and auto.deterministic and auto.meaning()["deterministic"] is True
+    assert Budget.parse(DEFAULT_BUDGET) == auto  # the default: steps per recipe, the same run whatever the load
+    assert Budget.parse("2000").deterministic and not Budget.parse("15m").deterministic
+    assert "load" in Budget.parse("15m").meaning()["reason"]
     assert Budget.parse("15m").seconds == 900
     assert Budget.parse("900s").seconds == 900
     assert Budget.parse("1h").seconds == 3600
@@ -127,6 +145,50 @@ def test_a_wall_time_budget_buys_fewer_steps_on_a_slower_machine() -> None:
     assert tight.steps == 1500 and tight.estimated_seconds == 315
 
 
+def _plan(facts: FolderFacts, budget: Budget, speeds: Speeds | None = None) -> list:
+    """The sizing of every candidate, as `run_auto` plans it (the auto budget: reference speeds, a fixed reserve)."""
+    recipes = [RECIPES[c] for c in pick(facts).candidates]
+    speeds = REFERENCE.speeds(recipes, facts) if budget.auto else speeds or Speeds()
+    spent, plan = (AUTO_RESERVE_SECONDS if budget.auto else 0.0), []
+    for i, recipe in enumerate(recipes):
+        last = i == len(recipes) - 1
+        plan.append(
+            size(recipe, facts, 10, budget, speeds, seeds=len(recipes), share=1.0 if last else 0.5, spent_seconds=spent)
+        )
+        spent += plan[-1].estimated_seconds
+    return plan
+
+
+def test_the_default_budget_is_steps_planned_with_recorded_speeds() -> None:
+    """Issue #19: the default gives the same steps whatever the machine's load (nothing measured), and fits the
+    15-minute ceiling on the reference machine; a wall-time budget stays available and buys fewer steps when slow."""
+    digits = dataclasses.replace(_facts(1797), typical_side=8)
+    plan = _plan(digits, Budget.parse("auto"))
+    assert [s.recipe for s in plan] == ["frozen-scan", "scratch-cc"]
+    assert plan == _plan(digits, Budget.parse("auto"))  # a pure function of the folder's measurements
+    cnn = plan[1]
+    assert RECIPES["scratch-cc"].min_steps < cnn.steps <= RECIPES["scratch-cc"].max_steps
+    assert AUTO_RESERVE_SECONDS + sum(s.estimated_seconds for s in plan) <= AUTO_TARGET_SECONDS + 1
+    assert "reference machine" in cnn.why
+    fashion = _plan(_facts(10_000), Budget.parse("auto"))  # 28 px: a CNN step costs more, so fewer steps
+    assert fashion[1].steps < cnn.steps
+    slow = Speeds(backbone_images_per_s={"effnet_lite2": 10.0}, step_seconds={"frozen-scan": 0.1, "scratch-cc": 2.0})
+    assert _plan(digits, Budget.parse("15m"), slow)[1].steps < cnn.steps  # a time box on a slow machine: fewer
+
+
+def test_a_run_with_the_default_budget_measures_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.autorun as autorun
+
+    def refuse(*_: object, **__: object) -> float:
+        raise AssertionError("the auto budget must not measure speeds (it would depend on the load)")
+
+    monkeypatch.setattr(autorun, "measure_backbone", refuse)
+    monkeypatch.setattr(autorun, "measure_step", refuse)
+    recipes = [RECIPES["frozen-scan"], RECIPES["scratch-cc"]]
+    speeds = autorun.measure(recipes, {}, Budget.parse("auto"), _facts(1797))
+    assert speeds == REFERENCE.speeds(recipes, _facts(1797))
+
+
 # ------------------------------------------------------------------------------------------------ K and choice
 def test_k_criterion_finds_a_known_number_of_classes() -> None:
     """sklearn digits (real 8x8 scans) of 3 classes: the estimate is within the issue's tolerance (+-1) of the number of
@@ -163,21 +225,26 @@ def test_candidate_choice_prefers_the_stable_recipe_and_sees_no_labels() -> None
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_folder_to_trained_exported_and_labelled_model(tmp_path: Path, grey_folder: Path) -> None:
-    """The README's three commands on a folder of real images: train (no config) -> export -> label."""
+def test_folder_to_trained_exported_served_and_labelled_model(tmp_path: Path, grey_folder: Path) -> None:
+    """The README's path on a folder of real images, each step a real command: train (no config, default budget)
+    -> export -> `deepclust serve` (a real server on loopback, engine backend) answering curl on one of the folder's
+    own images -> label; the served answer equals the labeller's for that image."""
     runner = CliRunner()
     runs = tmp_path / "runs"
-    # The automatic sizing (600 steps: the recipe's floor) is recorded; the dotted overrides win, and keep it short.
+    # The automatic sizing is recorded; the dotted overrides win, and keep the test short.
     overrides = ["method.scan_epochs=10", "method.selflabel_epochs=5"]
-    result = runner.invoke(app, ["train", str(grey_folder), "--out-dir", str(runs), "--budget", "600", *overrides])
+    result = runner.invoke(app, ["train", str(grey_folder), "--out-dir", str(runs), *overrides])
     assert result.exit_code == 0, result.output
     assert "rule: few-images" in result.output and "K = 3" in result.output
     run_dir = runs / "clothes"
     auto = json.loads((run_dir / "auto.json").read_text())
     assert auto["recipe"]["name"] == "frozen-scan" and auto["k"]["value"] == 3
     assert auto["folder"]["grey_share"] >= 0.9 and auto["rule"]["name"] == "few-images"
-    # 600 steps asked; 60 images in batches of 8 make 7 steps an epoch: 60 % of the steps for SCAN, 40 % self-label
-    assert auto["sizing"][0]["epochs"] == {"scan": 52, "selflabel": 35} and auto["sizing"][0]["steps"] == 600
+    budget = auto["budget"]
+    assert budget["asked"] == "auto" and budget["deterministic"] is True and "load" in budget["reason"]
+    assert budget["speeds_from"] == "reference machine (recorded)"
+    # 60 images in batches of 8 make 7 steps an epoch: 2,500 steps would be 215 + 143 epochs, capped at 60 each
+    assert auto["sizing"][0]["epochs"] == {"scan": 60, "selflabel": 60} and auto["sizing"][0]["steps"] == 840
     assert (run_dir / "final.pt").exists()
     assert (run_dir / "warnings.json").exists()
     trained = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -196,6 +263,67 @@ def test_folder_to_trained_exported_and_labelled_model(tmp_path: Path, grey_fold
     assert labelled.exit_code == 0, labelled.output
     rows = list(csv.DictReader(labels.open()))
     assert len(rows) == 60 and {int(r["cluster"]) for r in rows} <= {0, 1, 2}
+
+    image = sorted(grey_folder.rglob("*.png"))[0]
+    answer = _serve_and_curl(tmp_path, model_dir, image)
+    assert isinstance(answer, list) and len(answer) == 1, answer
+    labelled_row = next(r for r in rows if Path(r["path"]).name == image.name)
+    assert answer[0]["cluster"] == int(labelled_row["cluster"])
+    assert answer[0]["confidence"] == pytest.approx(float(labelled_row["confidence"]), abs=1e-3)
+
+
+def _serve_and_curl(tmp_path: Path, model_dir: Path, image: Path) -> list:
+    """`deepclust serve --backend engine --model DIR` in its own process on free loopback ports, then the README's
+    `curl --data-binary @image URL`; Ctrl-C (SIGINT) stops it, and it must exit."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    from conftest import free_port
+
+    port, metrics_port = free_port(), free_port()
+    settings = tmp_path / "serve.yaml"
+    settings.write_text(
+        yaml.safe_dump(
+            {"port": port, "metrics_port": metrics_port, "cache_dir": str(tmp_path / "serve-cache"), "workers": 1}
+        )
+    )
+    deepclust = Path(sys.executable).parent / "deepclust"
+    command = [str(deepclust), "serve", "--backend", "engine", "--model", str(model_dir), "-c", str(settings)]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}/predictions/{model_dir.name}"
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.3)
+        curl = shutil.which("curl")
+        if curl:
+            done = subprocess.run([curl, "-sS", "--data-binary", f"@{image}", url], capture_output=True, timeout=30)
+            assert done.returncode == 0, done.stderr.decode()
+            return json.loads(done.stdout)
+        return requests.post(url, data=image.read_bytes(), timeout=30).json()
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            raise
+        finally:
+            log.close()
 
 
 def test_train_folder_options_are_refused_on_the_config_path(tmp_path: Path) -> None:

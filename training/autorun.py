@@ -25,8 +25,11 @@ from typing import Any
 import numpy as np
 
 from training.auto import (
+    AUTO_RESERVE_SECONDS,
+    AUTO_TARGET_SECONDS,
     DEFAULT_BUDGET,
     RECIPES,
+    REFERENCE,
     Budget,
     Pick,
     Recipe,
@@ -153,8 +156,11 @@ def assignments(config: TrainConfig) -> np.ndarray:
     return probabilities.argmax(axis=1)
 
 
-def measure(recipes: list[Recipe], configs: dict[str, TrainConfig], budget: Budget) -> Speeds:
-    """Speeds for a wall-time budget (nothing to measure for a steps budget)."""
+def measure(recipes: list[Recipe], configs: dict[str, TrainConfig], budget: Budget, facts: Any) -> Speeds:
+    """Speeds for the budget: the reference machine's recorded ones for `auto` (deterministic), measured now for
+    a wall-time budget (load-dependent), none for a steps budget."""
+    if budget.auto:
+        return REFERENCE.speeds(recipes, facts)
     if budget.seconds is None:
         return Speeds()
     rates = {r.backbone: round(measure_backbone(r.backbone, int(r.image_size or 160)), 1) for r in recipes if r.frozen}
@@ -212,12 +218,13 @@ def run_auto(options: AutoOptions) -> dict[str, Any]:
     probe_configs = {
         r.name: build_config(r, options, probe_sizing[r.name], run_dir, "probe", options.seed) for r in recipes
     }
-    speeds = measure(recipes, probe_configs, budget)
+    speeds = measure(recipes, probe_configs, budget, facts)
     sizings: list[Sizing] = []
-    spent = time.perf_counter() - started
+    # auto: a fixed plan (nothing measured now, every pass paid for), so the steps depend on the folder only
+    spent = AUTO_RESERVE_SECONDS if budget.auto else time.perf_counter() - started
     for index, recipe in enumerate(recipes):
         last = index == len(recipes) - 1
-        missing = passes_to_compute(recipe, probe_configs[recipe.name])
+        missing = None if budget.auto else passes_to_compute(recipe, probe_configs[recipe.name])
         sizing = size(
             recipe,
             facts,
@@ -237,6 +244,12 @@ def run_auto(options: AutoOptions) -> dict[str, Any]:
             f"steps), x{seeds} seed(s), ~{sizing.estimated_seconds:.0f} s estimated: {sizing.why}"
         )
 
+    planned = sum(s.estimated_seconds for s in sizings) + (AUTO_RESERVE_SECONDS if budget.auto else 0.0)
+    if budget.auto and planned > AUTO_TARGET_SECONDS:
+        echo(
+            f"note: this folder needs ~{planned / 60:.0f} min on the reference machine even at the recipes' fewest "
+            f"steps (the frozen passes cost {len(RECIPES['frozen-scan'].passes)} x {facts.images:,} images)"
+        )
     runs: dict[str, list[TrainConfig]] = {}
     results: dict[str, dict[str, Any]] = {}
     train_seconds: dict[str, float] = {}
@@ -285,7 +298,15 @@ def run_auto(options: AutoOptions) -> dict[str, Any]:
             "evidence": recipe.evidence,
         },
         "k": k_info,
-        "budget": {"asked": options.budget, "meaning": budget.describe()},
+        "budget": {
+            "asked": options.budget,
+            "meaning": budget.describe(),
+            **budget.meaning(),
+            "planned_seconds": round(planned, 1),
+            "speeds_from": "reference machine (recorded)"
+            if budget.auto
+            else ("measured at start-up" if budget.seconds else "not used"),
+        },
         "speeds": to_json(speeds),
         "sizing": to_json(sizings),
         "selection": selection,

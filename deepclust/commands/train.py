@@ -55,7 +55,10 @@ def command(
     ] = None,
     budget: Annotated[
         str | None,
-        typer.Option(help="with DIR: optimisation steps (2000) or wall time (900s, 15m, 1h); default 12m"),
+        typer.Option(
+            help="with DIR: auto (default: steps per recipe planned for 15 min on the reference machine, the same "
+            "run whatever the load), optimisation steps (2000), or a wall-time box (900s, 15m, 1h: load-dependent)"
+        ),
     ] = None,
     recipe: Annotated[
         list[str] | None,
