@@ -191,24 +191,43 @@ def test_a_run_with_the_default_budget_measures_nothing(monkeypatch: pytest.Monk
 
 # ------------------------------------------------------------------------------------------------ K and choice
 def test_k_criterion_finds_a_known_number_of_classes() -> None:
-    """sklearn digits (real 8x8 scans) of 3 classes: the estimate is within the issue's tolerance (+-1) of the number of
-    classes (it measures 4 here: sklearn's "1"s come in two styles), and the table covers the range asked."""
+    """sklearn digits (real 8x8 scans) of 3 classes: the estimate is within the issue's tolerance (+-1) of the number
+    of classes, the structure is called significant, and the table covers the range asked."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for classes in ((0, 1, 4),):
-        keep = np.isin(digits.target, classes)
-        estimate = estimate_k(digits.data[keep], (2, 8))
-        assert abs(estimate.k - len(classes)) <= 1, [(r.k, r.prediction_strength) for r in estimate.rows]
-        assert estimate.rows[len(classes) - 2].prediction_strength >= 0.8  # the true K passes the threshold
-        assert [r.k for r in estimate.rows] == list(range(2, 9))
+    keep = np.isin(digits.target, (0, 1, 4))
+    estimate = estimate_k(digits.data[keep], (2, 8))
+    table = [(r.k, r.excess, r.prediction_strength, r.null_prediction_strength) for r in estimate.rows]
+    assert abs(estimate.k - 3) <= 1, table
+    assert estimate.structure and estimate.criterion == "null_calibrated_prediction_strength"
+    assert [r.k for r in estimate.rows] == list(range(2, 9))
+    chosen = next(r for r in estimate.rows if r.k == estimate.k)
+    assert chosen.excess == max(r.excess for r in estimate.rows)
+    assert chosen.prediction_strength > chosen.null_prediction_strength
 
 
 def test_k_criterion_does_not_invent_structure_in_noise() -> None:
+    """A Gaussian cloud is its own null: no K reproduces better than structureless data of its covariance."""
     noise = np.random.default_rng(0).standard_normal((600, 32)).astype(np.float32)
     estimate = estimate_k(noise, (2, 8))
-    assert all(r.prediction_strength < 0.8 for r in estimate.rows if r.k >= 3)
-    assert "no K >= 3" in estimate.reason
+    assert not estimate.structure and "no cluster structure" in estimate.reason
+    assert all(abs(r.excess) < 0.25 for r in estimate.rows)
+
+
+def test_k_evidence_files(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    from training.kselect import write_evidence
+
+    digits = load_digits()
+    keep = np.isin(digits.target, (0, 1, 4))
+    estimate = estimate_k(digits.data[keep], (2, 5), splits=2)
+    files = write_evidence(estimate, tmp_path)
+    table = (tmp_path / "k_selection.md").read_text()
+    assert "excess" in table and f"| {estimate.k} ←" in table
+    assert json.loads((tmp_path / "k_selection.json").read_text())["k"] == estimate.k
+    assert {f.name for f in files} >= {"k_selection.json", "k_selection.md"}
 
 
 def test_candidate_choice_prefers_the_stable_recipe_and_sees_no_labels() -> None:

@@ -128,9 +128,19 @@ def choose_k(options: AutoOptions, facts: Any, run_dir: Path) -> tuple[int, dict
         "estimated": estimate.k,
         "features": f"{frozen.backbone} clean pass at {frozen.image_size} px ({extract:.0f} s incl. extraction)",
         "evidence": [p.name for p in files],
+        "structure_found": estimate.structure,
         "table": [
-            {"k": r.k, "prediction_strength": r.prediction_strength, "silhouette": r.silhouette} for r in estimate.rows
+            {
+                "k": r.k,
+                "excess": r.excess,
+                "excess_se": r.excess_se,
+                "prediction_strength": r.prediction_strength,
+                "null_prediction_strength": r.null_prediction_strength,
+                "silhouette": r.silhouette,
+            }
+            for r in estimate.rows
         ],
+        "k_raw_ps_rule_reported_not_used": estimate.k_raw_ps_rule,
         "seconds": estimate.seconds,
     }
     if facts.labelled:
@@ -211,6 +221,8 @@ def run_auto(options: AutoOptions) -> dict[str, Any]:
         f"K = {k}: {k_info['source']}"
         + (f" (evidence: {run_dir / 'k_selection.md'})" if k_info.get("evidence") else "")
     )
+    if k_info.get("structure_found") is False:
+        echo("WARNING (k): no K reproduces clearly better than structureless data; K is weakly supported (give --k)")
 
     unsure = len(recipes) > 1
     seeds = 2 if unsure else 1
