@@ -12,7 +12,9 @@ For every folder two commands run in a fresh process each, exactly as a user typ
 - `deepclust train DIR --k auto` (mode `k_auto`: K estimated without labels, even when the folder has them).
 
 Rows (`benchmarks/results/own_folder.json`, keyed by dataset and mode): dataset, mode, k_true, k_estimated, k_used,
-recipe, backbone, acc/nmi/ari at the K used, seconds (wall time of the command), command, commit, machine.
+recipe, backbone, acc/nmi/ari at the K used, seconds (wall time of the command), the budget (default `auto`: steps
+per recipe, the same whatever the load; `steps` per recipe; `planned_seconds_reference_machine`), the 1-min load
+average at start and end (the wall time depends on it, the result does not), command, commit, machine.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ def run_one(name: str, mode: str, out_dir: Path, extra: list[str]) -> dict[str, 
     args = ["train", str(folder), "--out-dir", str(out_dir), "--name", run_name, *MODES[mode], *extra]
     command = "deepclust " + " ".join(args)
     env = {**os.environ, **ALLOCATOR, "DEEPCLUST_DATA": str(data_root())}
+    load_before = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
     done = subprocess.run(
         [str(Path(sys.executable).parent / "deepclust"), *args], env=env, capture_output=True, text=True
@@ -183,6 +186,11 @@ def run_one(name: str, mode: str, out_dir: Path, extra: list[str]) -> dict[str, 
         "nmi": metrics.get("nmi"),
         "ari": metrics.get("ari"),
         "seconds": seconds,
+        "budget": auto.get("budget", {}).get("asked"),
+        "budget_deterministic": auto.get("budget", {}).get("deterministic"),
+        "planned_seconds_reference_machine": auto.get("budget", {}).get("planned_seconds"),
+        "steps": {z.get("recipe"): z.get("steps") for z in auto.get("sizing", [])},
+        "load_average_1min": [load_before, round(os.getloadavg()[0], 2)],  # at start and end: seconds depend on it
         "warnings": [w.get("kind") for w in warnings],
         "run_dir": str(run_dir),
         "command": command,
