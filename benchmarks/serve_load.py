@@ -77,6 +77,26 @@ def cpu_seconds(processes) -> float:
     return total
 
 
+def process_groups(host) -> dict[str, list]:
+    """The serving processes by role: `front_process` (this one: the front's thread, the metrics endpoint), `jvm`
+    (TorchServe's Java frontend) and `workers` (TorchServe's Python workers, or the engine workers)."""
+    import psutil
+
+    groups = {"front_process": [psutil.Process()]}
+    if host.config.backend == "engine":
+        groups["workers"] = [psutil.Process(pid) for pid in host.worker_pids()]
+    else:
+        jvm = psutil.Process(host.process.pid)
+        groups["jvm"] = [jvm]
+        groups["workers"] = jvm.children(recursive=True)
+    return groups
+
+
+def _nice_client() -> None:
+    """Pool initializer of the load clients: they yield the CPU to the servers they load (and to the bare engine)."""
+    os.nice(5)
+
+
 def backend_rss(host) -> dict[str, int]:
     """RSS in bytes of the backend's processes (JVM + its Python workers, or the engine workers) and of this
     process (the front's thread, the metrics endpoint)."""
@@ -165,41 +185,57 @@ def bench_engine(model_file: Path, images: list[bytes], batches: list[int], seco
 _ENGINE: dict = {}
 
 
-def _engine_init(model_file: Path, max_batch: int) -> None:
+def _engine_init(model_file: Path, max_batch: int, own_session: bool = False) -> None:
+    """The bare engine's pool process. `own_session`: in a session of its own, i.e. the scheduling position of
+    TorchServe's JVM and workers (`TorchServeHost` starts them with `start_new_session`). Linux's autogroup scheduler
+    (on by default on desktop kernels, and on this machine) shares the cores between sessions first: compared from
+    this process's session, a service whose engine runs in another session gets a whole extra share of a busy
+    machine, and the ratio would measure the scheduler, not the service."""
+    if own_session:
+        os.setsid()
     for spin in (True, False):
         _ENGINE[spin] = Engine(model_file, max_batch=max_batch, spin=spin)
 
 
-def engine_level(images: list[bytes], batch: int, seconds: float, spin: bool = True) -> float:
-    """Images/s of the bare engine (decode + resize + run) at `batch`, in a pool process holding the engines
-    (onnxruntime's intra-op threads spinning or not)."""
-    engine, done, start = _ENGINE[spin], 0, time.perf_counter()
+def engine_level(images: list[bytes], batch: int, seconds: float, spin: bool = True) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the bare engine (decode + resize + run) at `batch`, in a pool process holding
+    the engines (onnxruntime's intra-op threads spinning or not)."""
+    engine, done, start, cpu = _ENGINE[spin], 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         chunk = [images[(done + i) % len(images)] for i in range(batch)]
         engine.run(np.stack([load_image(b, engine.input_size) for b in chunk]))
         done += batch
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / max(done, 1)
 
 
-def bench_paired(host, images, engine_pool, batch: int, concurrency: int, seconds: float, rounds: int) -> list[dict]:
+def bench_paired(
+    host, images, engine_pool, batch: int, concurrency: int, seconds: float, rounds: int, warmup: float = 3.0
+) -> list[dict]:
     """The bare engine and the service measured in turns, `rounds` times: each ratio compares two measurements a
-    few seconds apart, so the other jobs of a shared machine disturb both alike (their median is the figure)."""
+    few seconds apart, so the other jobs of a shared machine disturb both alike (their median is the figure).
+    Each turn also records CPU milliseconds per image (the bare engine's process; every serving process), whose
+    ratio does not depend on how much of a busy machine each side got."""
     rows = []
     args = (host.config.base_url, host.config.model_name, host.inference_token(), images)
-    with multiprocessing.get_context("spawn").Pool(1) as clients:
-        clients.apply(run_level, (*args, concurrency, min(3.0, seconds)))  # warm-up
+    with multiprocessing.get_context("spawn").Pool(1, _nice_client) as clients:
+        clients.apply(run_level, (*args, concurrency, warmup))  # warm-up (the JVM's JIT compiles the hot path)
         for r in range(rounds):
             # The bare engine at its best: with and without spinning intra-op threads (which wins depends on how
             # busy the cores are), the better of the two is the reference.
-            bare_spin = engine_pool.apply(engine_level, (images, batch, seconds, True))
-            bare_nospin = engine_pool.apply(engine_level, (images, batch, seconds, False))
-            bare = max(bare_spin, bare_nospin)
+            bare_spin, cpu_spin = engine_pool.apply(engine_level, (images, batch, seconds, True))
+            bare_nospin, cpu_nospin = engine_pool.apply(engine_level, (images, batch, seconds, False))
+            bare, bare_cpu = max((bare_spin, cpu_spin), (bare_nospin, cpu_nospin))
+            processes = server_processes(host)
+            cpu = cpu_seconds(processes)
             latencies, good, errors, elapsed = clients.apply(run_level, (*args, concurrency, seconds))
-            service = good / elapsed
+            service, service_cpu = good / elapsed, 1000 * (cpu_seconds(processes) - cpu) / max(good, 1)
             row = {"target": "paired", "backend": host.config.backend, "round": r, "engine_batch": batch,
                    "concurrency": concurrency, "engine_images_per_s": round(bare, 2),
                    "engine_spin_images_per_s": round(bare_spin, 2), "engine_nospin_images_per_s": round(bare_nospin, 2),
                    "service_images_per_s": round(service, 2), "ratio": round(service / bare, 3), "errors": errors,
+                   "engine_cpu_ms_per_image": round(bare_cpu, 3), "service_cpu_ms_per_image": round(service_cpu, 3),
+                   "cpu_ratio": round(bare_cpu / service_cpu, 3) if service_cpu else None,
+                   "bare_engine_session": "own" if host.config.backend == "torchserve" else "shared",
                    "load_average_1m": round(os.getloadavg()[0], 2), **provenance()}  # fmt: skip
             rows.append(row)
             print(row, flush=True)
@@ -235,17 +271,19 @@ def run_level(base_url: str, model_name: str, token, images, concurrency: int, s
     return latencies, counters["images"], counters["errors"], time.perf_counter() - start
 
 
-def bench_http(target, host, images, levels, seconds, base_url: str | None = None) -> list[dict]:
+def bench_http(target, host, images, levels, seconds, base_url: str | None = None, warmup: float = 3.0) -> list[dict]:
     """Through the HTTP front (`base_url` None) or straight to TorchServe's internal port (`base_url` given)."""
     rows = []
     args = (base_url or host.config.base_url, host.config.model_name, host.inference_token(), images)
     # The clients run in their own process: the front is a thread of the process that started the host (here, this
     # one), and client threads sharing its GIL would slow it down as no real client does.
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(run_level, (*args, max(levels), min(3.0, seconds)))  # warm-up, not recorded
+    with multiprocessing.get_context("spawn").Pool(1, _nice_client) as pool:
+        pool.apply(run_level, (*args, max(levels), warmup))  # warm-up (the JVM's JIT too), not recorded
         for concurrency in levels:
             processes = server_processes(host)
             cpu = cpu_seconds(processes)
+            groups = process_groups(host)
+            cpu_by_group = {name: cpu_seconds(procs) for name, procs in groups.items()}
             pending = pool.apply_async(run_level, (*args, concurrency, seconds))
             peak: dict[str, int] = {}
             while not pending.ready():  # the peak RSS during the level, sampled twice a second
@@ -256,6 +294,9 @@ def bench_http(target, host, images, levels, seconds, base_url: str | None = Non
             # CPU per image of every serving process (clients excluded): a figure the other jobs on this shared
             # machine do not distort the way they distort images/s.
             rss = {"cpu_ms_per_image": round(1000 * (cpu_seconds(processes) - cpu) / max(good, 1), 3)}
+            for name, procs in groups.items():  # the same CPU, by process: where the service's overhead goes
+                spent = cpu_seconds(procs) - cpu_by_group[name]
+                rss[f"cpu_ms_per_image_{name}"] = round(1000 * spent / max(good, 1), 3)
             rss.update({f"rss_{k}_mb": round(v / 2**20, 1) for k, v in peak.items()})
             rss["rss_total_mb"] = round(sum(peak.values()) / 2**20, 1)
             rows.append(
@@ -286,6 +327,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="server-side batch (requests), either backend")
     parser.add_argument("--max-batch-delay-ms", type=int, default=5)
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="seconds of load before each backend's measurements (TorchServe's JVM compiles its hot path meanwhile)",
+    )
     parser.add_argument(
         "--paired-rounds",
         type=int,
@@ -323,22 +370,31 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         rows += pool.apply(bench_engine, (first.model_file, images, args.batches, args.seconds))
     best_batch = max((r for r in rows if r["target"] == "engine"), key=lambda r: r["images_per_s"])["concurrency"]
-    engine_pool = None
-    if args.paired_rounds:
-        engine_pool = multiprocessing.get_context("spawn").Pool(1, _engine_init, (first.model_file, max(args.batches)))
     for backend in args.backend:
+        engine_pool = None
+        if args.paired_rounds:  # the bare engine where the backend runs its engine: its own session for TorchServe
+            own_session = backend == "torchserve"
+            initargs = (first.model_file, max(args.batches), own_session)
+            engine_pool = multiprocessing.get_context("spawn").Pool(1, _engine_init, initargs)
         with make_host(config(backend)) as host:
             if engine_pool is not None:
                 rows += bench_paired(
-                    host, images, engine_pool, best_batch, max(args.concurrency), args.seconds, args.paired_rounds
+                    host,
+                    images,
+                    engine_pool,
+                    best_batch,
+                    max(args.concurrency),
+                    args.seconds,
+                    args.paired_rounds,
+                    args.warmup,
                 )
-            rows += bench_http("service", host, images, args.concurrency, args.seconds)
+            rows += bench_http("service", host, images, args.concurrency, args.seconds, warmup=args.warmup)
             if args.direct and backend == "torchserve":
                 direct = f"http://127.0.0.1:{host.backend_port}"
                 rows += bench_http("torchserve_direct", host, images, args.concurrency, args.seconds, direct)
-    if engine_pool is not None:
-        engine_pool.close()
-        engine_pool.join()
+        if engine_pool is not None:
+            engine_pool.close()
+            engine_pool.join()
     if not args.skip_eager:
         with make_host(config(), handler=ROOT / "benchmarks" / "eager_handler.py") as host:
             rows += bench_http("eager_handler", host, images, args.concurrency, args.seconds)
@@ -362,9 +418,20 @@ def main() -> None:
             f"{backend}: CPU per image, bare engine at its best batch / service at its best level = "
             f"{engine_cpu:.2f} / {service_cpu:.2f} ms = {engine_cpu / service_cpu:.2f}"
         )
-        paired = [r["ratio"] for r in rows if r["target"] == "paired" and r["backend"] == backend]
+        if service:
+            lean = min(service, key=lambda r: r["cpu_ms_per_image"])
+            parts = {
+                k.removeprefix("cpu_ms_per_image_"): v for k, v in lean.items() if k.startswith("cpu_ms_per_image_")
+            }
+            print(f"{backend}: CPU ms per image by process at c={lean['concurrency']}: {parts}")
+        paired = [r for r in rows if r["target"] == "paired" and r["backend"] == backend]
         if paired:
-            print(f"{backend}: paired rounds service/engine = {paired}, median {float(np.median(paired)):.2f}")
+            ratios, cpu_ratios = [r["ratio"] for r in paired], [r["cpu_ratio"] for r in paired]
+            print(f"{backend}: paired rounds service/engine = {ratios}, median {float(np.median(ratios)):.2f}")
+            print(
+                f"{backend}: paired rounds CPU per image, bare engine / service = {cpu_ratios}, "
+                f"median {float(np.median(cpu_ratios)):.2f}"
+            )
     print(f"results: {path}")
 
 

@@ -35,7 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS_DIR, print_table, provenance, write_rows  # noqa: E402
-from benchmarks.serve_load import _free_port, backend_rss, load_images, make_host, predict_ok, run_level  # noqa: E402  # noqa: E402
+from benchmarks.serve_load import (  # noqa: E402
+    _free_port,
+    _nice_client,
+    backend_rss,
+    load_images,
+    make_host,
+    predict_ok,
+    run_level,
+)
 from serving.client import Client  # noqa: E402
 from serving.hosts.serve.config import ServeConfig  # noqa: E402
 
@@ -118,7 +126,8 @@ def soak(backend: str, args, images) -> list[dict]:
         startup_timeout_s=300,
     )
     load_before = os.getloadavg()
-    with make_host(config) as host, multiprocessing.get_context("spawn").Pool(1) as pool:
+    # The clients' process is niced: on a shared machine they yield to the service they load.
+    with make_host(config) as host, multiprocessing.get_context("spawn").Pool(1, _nice_client) as pool:
         common = (config.base_url, config.model_name, host.inference_token(), images)
         pool.apply(run_level, (*common, max(args.probe_concurrency), 5.0))  # warm-up
         probes = []

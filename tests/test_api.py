@@ -721,6 +721,29 @@ def test_torchserve_alone_refuses_what_the_front_accepts_and_is_internal(service
     assert "ts_inference_requests_total" in metrics
 
 
+def test_torchserve_logs_no_line_per_request_and_keeps_the_rest(service, session, url, images):
+    """Our log4j2 configuration (server.py, issue #21: the jar's one cost ≈ 1.5 ms of JVM CPU per image): 40 requests
+    add no per-request or per-batch line to TorchServe's logs, while start-up lines, the handler's ready line (on
+    stdout, what `kubectl logs` shows) and TorchServe's own metrics are still there."""
+    if service.config.backend != "torchserve":
+        pytest.skip("TorchServe backend only")
+    logs = service.log_dir
+    sizes = {name: (logs / name).stat().st_size for name in ("ts_log.log", "torchserve.out", "model_log.log")}
+    for n in range(40):
+        assert session.post(url, data=images[n % len(images)], timeout=30).status_code == 200
+    time.sleep(1.0)  # asynchronous appenders
+    for name, size in sizes.items():
+        with (logs / name).open("rb") as log:
+            log.seek(size)
+            added = log.read().decode(errors="replace")
+        assert len(added.splitlines()) < 4, f"{name} grew by {len(added.splitlines())} lines:\n{added[:2000]}"
+    stdout = (logs / "torchserve.out").read_text(errors="replace")
+    assert "deepclust handler ready" in stdout and "Model server started" in stdout, stdout[-3000:]
+    assert "Sending response for jobId" not in stdout and "Backend received inference" not in stdout
+    assert not (logs / "access_log.log").exists() or (logs / "access_log.log").stat().st_size == 0
+    assert "-Dlog4j.configurationFile=" in " ".join(psutil.Process(service.process.pid).cmdline())
+
+
 # ------------------------------------------------------------------------------- worker killed under load
 def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
     """4 closed-loop clients; SIGKILL the engine's worker process after 20 answers; go on until 3 s of clean answers
