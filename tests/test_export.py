@@ -19,7 +19,6 @@ from serving.core.engine import Engine
 from training.config import load_config
 from training.data.datasets import create_dataset
 from training.export import (
-    FLOAT_PREFIX_CONVS,
     FP16_MIN_AGREEMENT,
     INT8_MIN_AGREEMENT,
     PARITY_MAX_ABS,
@@ -224,7 +223,7 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
     pads = _conv_padding(fp32, images[:1])
     assert pads == _conv_padding(folded, images[:1]) and any(sum(p) for p in pads)
 
-    int8 = quantize_int8(fp32, tmp_path / "same.int8.onnx", images[:48], float_prefix=0)
+    int8 = quantize_int8(fp32, tmp_path / "same.int8.onnx", images[:48], images[48:], target=0.0).path
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
     assert _conv_padding(int8, images[:1]) == pads  # the old recipe gave [[1,0,1,0], [0,0,1,0]]
     out = ort.InferenceSession(str(int8)).run(None, {"images": images[48:]})[0]
@@ -233,19 +232,23 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
 
 
 def test_int8_variant_passes_the_gate_and_records_it(trained_run: Path, tmp_path: Path) -> None:
-    """The INT8 path of the export: float prefix chosen on held-out training images, agreement measured on the
-    evaluation set, both written into the variant's metadata and the card."""
+    """The INT8 path of the export: float nodes chosen by sensitivity on held-out training images, agreement measured
+    on the evaluation set, both written into the variant's metadata and the card."""
     out = tmp_path / "digits-int8"
     result = export_checkpoint(
         trained_run, out, variants=("int8",), parity_images=360, calibration_images=256, selection_images=300
     )
     meta = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
-    assert meta["precision"] == "int8" and int(meta["int8_float_prefix_convs"]) in FLOAT_PREFIX_CONVS
+    selection = json.loads(meta["int8_selection"])
+    assert meta["precision"] == "int8" and int(meta["int8_float_convs"]) == selection["float_convs"]
+    assert selection["rule"] == "sensitivity" and selection["quantized_convs"] >= 1
+    assert selection["held_out_agreement"] >= INT8_MIN_AGREEMENT + 0.005 or selection["quantized_convs"] == 1
     assert float(meta["agreement_vs_fp32"]) == pytest.approx(result.int8_agreement, abs=1e-6)
     assert result.int8_agreement >= INT8_MIN_AGREEMENT
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.int8.onnx")).graph.node)
     card = ModelCard.model_validate_json((out / "model.json").read_text())
     assert card.files["model.int8.onnx"].agreement_vs_fp32 == pytest.approx(result.int8_agreement, abs=1e-4)
+    assert card.model_extra["int8_selection"] == selection
 
 
 # ------------------------------------------------------------------------------------- refusals, end to end
@@ -287,7 +290,7 @@ def test_export_cli_refuses_an_int8_variant_below_the_gate(
     trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An INT8 graph that cannot pass: the gate raised above 100 % agreement, everything else real (calibration,
-    float-prefix search, the agreement measured on the evaluation set). Exit 2, and neither the INT8 file nor the
+    sensitivity search, the agreement measured on the evaluation set). Exit 2, and neither the INT8 file nor the
     FP32 file nor model.json is left in the store folder."""
     import training.export as export_module
 

@@ -39,14 +39,15 @@ from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
 from training.models.heads import ClusteringModel
+from training.quantize import fold_pads, quantize_int8, shape_nodes
 
 log = logging.getLogger("deepclust.export")
 
 OPSET = 17
 PARITY_MAX_ABS = 1e-4
 INT8_MIN_AGREEMENT = 0.99
-# The held-out choice of the float prefix asks for this much more than the gate: 2,000 images estimate the agreement
-# to about +-0.002, and a prefix that scored exactly 0.990 there measured 0.987 on the 10,000 test images.
+# The held-out choice of the float convolutions asks for this much more than the gate: 2,000 images estimate the
+# agreement to about +-0.002, and a choice that scored exactly 0.990 there measured 0.987 on the 10,000 test images.
 INT8_SELECTION_MARGIN = 0.005
 # FP16 must serve the FP32 clusters as INT8 must (the same gate); measured on the GPU provider that runs FP16 when
 # the exporting machine has one, else on CPU as a check of the conversion only (the card then says so).
@@ -165,134 +166,14 @@ def uint8_images(dataset: ImageDataset, size: int, indices: np.ndarray | None = 
     return out
 
 
-class _Calibration:
-    """onnxruntime CalibrationDataReader over uint8 batches, read in strides (see `quantize_int8`)."""
-
-    def __init__(self, images: np.ndarray, batch: int = 16) -> None:
-        self._batches = [images[i : i + batch] for i in range(0, len(images), batch)]
-        self._range = (0, len(self._batches))
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._range, self._next = (start_index, min(end_index, len(self._batches))), start_index
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._range[1]:
-            return None
-        self._next += 1
-        return {INPUT_NAME: self._batches[self._next - 1]}
-
-
-CALIBRATION_STRIDE = 4  # batches per collection round
-# The first convolutions (stem + first blocks) stay float: their rounding error is the one the network amplifies most.
-# Float convs must form a prefix fed by float data: at session load onnxruntime re-quantizes a float Conv whose input
-# comes from a DequantizeLinear with *per-tensor* weights (WeightBiasQuantization), which is far worse. The export tries
-# these prefix lengths fastest first and keeps the first one that holds the agreement gate on held-out training images.
-# Measured on cifar10-lite0 (2,000 test images): 5 -> 0.98 argmax agreement at 2.3x FP32 speed; 27 -> 0.99 at 1.7x.
-FLOAT_PREFIX_CONVS = (5, 16, 27, 38)
-
-
-def _shape_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Nodes fed only by Shape or constants (shape/pad arithmetic done in float), never by image data."""
-    initializers = {i.name for i in graph.initializer}
-    data, found = {i.name for i in graph.input if i.name not in initializers}, []
-    for node in graph.node:  # topologically sorted
-        if node.op_type != "Shape" and any(i in data for i in node.input):
-            data.update(node.output)
-        else:
-            found.append(node.name)
-    return found
-
-
-def _intermediate_session(proto: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A session over a copy of `proto` that also outputs the named intermediate tensors."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def _fold_pads(src: Path, dst: Path, sample: np.ndarray) -> None:
-    """Turn run-time computed Pad amounts (TF-"SAME" padding of the tf_* backbones) into constants when the input's
-    spatial size is static; onnxruntime then fuses each Pad into its Conv instead of padding in float between Q/DQ."""
-    proto = onnx.load(str(src))
-    initializers = {i.name for i in proto.graph.initializer}
-    pads = sorted({n.input[1] for n in proto.graph.node if n.op_type == "Pad" and n.input[1] not in initializers})
-    if pads and all(d.HasField("dim_value") for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]):
-        values = _intermediate_session(proto, pads).run(pads, {proto.graph.input[0].name: sample})
-        proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, p) for p, v in zip(pads, values, strict=True))
-        needed, keep = {o.name for o in proto.graph.output}, []
-        for node in reversed(proto.graph.node):  # drop the arithmetic that computed them
-            if any(o in needed and o not in pads for o in node.output):
-                keep.append(node)
-                needed.update(node.input)
-        del proto.graph.node[:]
-        proto.graph.node.extend(reversed(keep))
-        used = [i for i in proto.graph.initializer if i.name in needed]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(used)
-    onnx.save(proto, str(dst))
-
-
-def _correct_biases(prepared: Path, quantized: Path, out: Path, calibration: np.ndarray, batch: int = 16) -> None:
-    """Bias correction: subtract E[conv(x, W_int8 - W)] over the calibration images from each quantized Conv's bias,
-    so weight rounding no longer shifts channel means (most of the weight error here; the network amplifies it)."""
-    proto, quant = onnx.load(str(prepared)), onnx.load(str(quantized))
-    q_init = {i.name: onnx.numpy_helper.to_array(i) for i in quant.graph.initializer}
-    producer = {o: n for n in quant.graph.node for o in n.output}
-    delta: dict[str, np.ndarray] = {}
-    for node in quant.graph.node:
-        dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
-        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in q_init:
-            w, scale = q_init[dq.input[0]].astype(np.float32), q_init[dq.input[1]].astype(np.float32)
-            has_zero = len(dq.input) > 2 and dq.input[2]
-            zero = q_init[dq.input[2]].astype(np.float32) if has_zero else np.zeros(1, np.float32)
-            shape = (-1,) + (1,) * (w.ndim - 1)
-            delta[node.name] = (w - zero.reshape(shape)) * scale.reshape(shape)
-    init = {i.name: i for i in proto.graph.initializer}
-    convs = [
-        n
-        for n in proto.graph.node
-        if n.name in delta
-        and len(n.input) > 2
-        and delta[n.name].ndim == 4
-        and all(a.name != "auto_pad" or a.s in (b"", b"NOTSET") for a in n.attribute)
-    ]
-    if not convs:  # every Conv stayed float (a small backbone inside the float prefix): nothing to correct
-        onnx.save(proto, str(out))
-        return
-    for conv in convs:
-        delta[conv.name] -= onnx.numpy_helper.to_array(init[conv.input[1]])
-    inputs = sorted({c.input[0] for c in convs})
-    sess = _intermediate_session(proto, inputs)
-    shift = {c.name: np.zeros(delta[c.name].shape[0]) for c in convs}
-    attributes = {c.name: {a.name: onnx.helper.get_attribute_value(a) for a in c.attribute} for c in convs}
-    for start in range(0, len(calibration), batch):
-        chunk = calibration[start : start + batch]
-        acts = dict(zip(inputs, sess.run(inputs, {proto.graph.input[0].name: chunk}), strict=True))
-        for conv in convs:
-            attrs = attributes[conv.name]
-            top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
-            x = torch.nn.functional.pad(torch.from_numpy(acts[conv.input[0]]), (left, right, top, bottom))
-            y = torch.nn.functional.conv2d(
-                x,
-                torch.from_numpy(delta[conv.name]),
-                stride=attrs.get("strides", 1),
-                dilation=attrs.get("dilations", 1),
-                groups=attrs.get("group", 1),
-            )
-            shift[conv.name] += y.double().mean(dim=(2, 3)).sum(dim=0).numpy() / len(calibration)
-    for conv in convs:
-        bias = onnx.numpy_helper.to_array(init[conv.input[2]]) - shift[conv.name]
-        init[conv.input[2]].CopyFrom(onnx.numpy_helper.from_array(bias.astype(np.float32), conv.input[2]))
-    onnx.save(proto, str(out))
+# The INT8 variant is built by `training.quantize` (sensitivity-chosen float convolutions); these names stay importable.
+_fold_pads = fold_pads
+_shape_nodes = shape_nodes
 
 
 def _float_prefix_nodes(graph: onnx.GraphProto, float_prefix: int) -> list[str]:
-    """Nodes that stay FP32 so that the first `float_prefix` convolutions *of each backbone* run in float.
+    """Nodes that stay FP32 so that the first `float_prefix` convolutions *of each backbone* run in float (the
+    earlier INT8 rule; the export now keeps float the convolutions chosen by `training.quantize` instead).
 
     Everything of a backbone up to its last float Conv stays float (its Adds too, else their Q/DQ would feed the next
     float Conv). Several frozen backbones (`MultiSpace`) are exported one after the other, so a prefix counted over
@@ -315,45 +196,24 @@ def _float_prefix_nodes(graph: onnx.GraphProto, float_prefix: int) -> list[str]:
     return names
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, float_prefix: int = 5) -> Path:
-    """Static QDQ INT8 (per-channel weights, MinMax activations, bias-corrected), calibrated on real training images;
-    pre/post-processing, shape arithmetic, the head and the first `float_prefix` convolutions stay FP32."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def require_int8_gate(agreement: float, n: int, record: dict[str, Any]) -> None:
+    """The INT8 gate, measured on the evaluation set (never used to choose the float convolutions)."""
+    if agreement < INT8_MIN_AGREEMENT:
+        raise ExportError(
+            f"INT8 argmax agreement with FP32 is {agreement:.4f} on {n} images (needs >= {INT8_MIN_AGREEMENT}, "
+            f"{record['float_convs']} float convolutions); not writing a variant that serves other clusters"
+        )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folded, prepared, corrected = (Path(tmp) / f"{name}.onnx" for name in ("folded", "prepared", "corrected"))
-        _fold_pads(fp32_path, folded, calibration[:1])
-        quant_pre_process(str(folded), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared)).graph
-        # Keep the head (small MatMuls + softmax/argmax) in float: it decides the cluster and costs nothing.
-        excluded = [n.name for n in graph.node if n.op_type in {"Gemm", "MatMul", "Softmax", "ArgMax"}]
-        # Never quantize shape arithmetic: rounded pad amounts (cast back to int64) shifted or dropped the padding,
-        # which was the 0.8 agreement / 60 % embedding error of the earlier recipes.
-        excluded += _shape_nodes(graph)
-        excluded += _float_prefix_nodes(graph, float_prefix)
 
-        def quantize(model: Path) -> None:
-            reader = _Calibration(calibration)
-            stride = max(d for d in range(1, CALIBRATION_STRIDE + 1) if len(reader) % d == 0)
-            quantize_static(
-                str(model),
-                str(out_path),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                # MinMax only keeps per-batch min/max, so memory stays flat whatever the number of images.
-                calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=excluded,
-                extra_options={"CalibStridedMinMax": stride},
-            )
-
-        quantize(prepared)  # gives the rounded weights the bias correction needs
-        _correct_biases(prepared, out_path, corrected, calibration)
-        quantize(corrected)  # recalibrated: the corrected biases move the activation ranges
-    return out_path
+def int8_metadata(props: dict[str, Any], agreement: float, record: dict[str, Any]) -> dict[str, Any]:
+    """The INT8 file's metadata: the model's facts, its agreement with FP32 and how it was quantized."""
+    return {
+        **props,
+        "precision": "int8",
+        "agreement_vs_fp32": f"{agreement:.6f}",
+        "int8_float_convs": str(record["float_convs"]),
+        "int8_selection": json.dumps(record),
+    }
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
@@ -516,40 +376,21 @@ def export_checkpoint(
             train_set = create_dataset(config.data.dataset, config.data.train_split, config.data.root)
             picked = rng.permutation(len(train_set))[: calibration_images + selection_images]
             calibration = uint8_images(train_set, size, np.sort(picked[:calibration_images]))
-            # Label-free choice of the float prefix on training images the calibration never saw; the gate below is
-            # then measured on the evaluation set.
+            # Label-free choice of the float convolutions on training images the calibration never saw; the gate
+            # below is then measured on the evaluation set.
             held_out = uint8_images(
                 train_set, size, np.sort(picked[calibration_images:] if len(picked) > calibration_images else picked)
             )
             p_held_out, _ = run_onnx(fp32_session, held_out)
             int8 = staging / "model.int8.onnx"
-            for float_prefix in FLOAT_PREFIX_CONVS:
-                quantize_int8(fp32, int8, calibration, float_prefix=float_prefix)
-                held_out_agreement = _agreement(p_held_out, run_onnx(session(int8), held_out)[0])
-                log.info(
-                    json.dumps(
-                        {"event": "int8_try", "float_prefix": float_prefix, "held_out_agreement": held_out_agreement}
-                    )
-                )
-                if held_out_agreement >= INT8_MIN_AGREEMENT + INT8_SELECTION_MARGIN:
-                    break
+            quantized = quantize_int8(
+                fp32, int8, calibration, held_out, INT8_MIN_AGREEMENT + INT8_SELECTION_MARGIN, reference=p_held_out
+            )
             p_int8, _ = run_onnx(session(int8), eval_images)
             int8_agreement = _agreement(p_fp32, p_int8)
-            if int8_agreement < INT8_MIN_AGREEMENT:
-                raise ExportError(
-                    f"INT8 argmax agreement with FP32 is {int8_agreement:.4f} on {len(eval_images)} images "
-                    f"(needs >= {INT8_MIN_AGREEMENT}, float prefix {float_prefix}); not writing a variant that "
-                    "serves other clusters"
-                )
-            write_metadata(
-                int8,
-                {
-                    **props,
-                    "precision": "int8",
-                    "agreement_vs_fp32": f"{int8_agreement:.6f}",
-                    "int8_float_prefix_convs": str(float_prefix),
-                },
-            )
+            require_int8_gate(int8_agreement, len(eval_images), quantized.record)
+            write_metadata(int8, int8_metadata(props, int8_agreement, quantized.record))
+            card.int8_selection = quantized.record  # the card's own record (ModelCard keeps extra fields)
             outputs["model.int8.onnx"] = ("int8", int8_agreement)
         if "fp16" in variants:
             fp16 = convert_fp16(fp32, staging / "model.fp16.onnx")
