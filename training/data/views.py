@@ -219,8 +219,8 @@ def _rows_by_choice(passes: Sequence[torch.Tensor], index: torch.Tensor, choice:
 class BatchedRows(Dataset):
     """A dataset of cached feature rows that hands the DataLoader a whole batch from one gather (`rows`).
 
-    Why: the per-sample path (one Python `__getitem__` per sample, then stacking) cost 30 ms per batch of 512 and
-    1 s per batch of 10,000 on this CPU (`benchmarks/cli_speed.py` has the figures), more than a head's training step.
+    Why: the per-sample path (one Python `__getitem__` per sample, then stacking) costs more CPU per batch than a
+    linear head's training step on cached features (README "Refactor check" has the run times before and after).
     The trainer's loader passes `collate_rows` for these datasets; `dataset[i]` still returns one sample.
     """
 
