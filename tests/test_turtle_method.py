@@ -93,22 +93,3 @@ def test_gamma_is_chosen_by_the_label_free_score(tmp_path: Path, monkeypatch: py
     assert [r["gamma"] for r in rows] == [1.0, 10.0] and sum(r["chosen"] for r in rows) == 1
     assert next(r for r in rows if r["chosen"])["score"] == max(r["score"] for r in rows)
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
-
-
-def test_int8_float_prefix_is_counted_per_backbone(turtle_run: Trainer, tmp_path: Path) -> None:
-    """With several backbones in one graph, each keeps its own first convolutions in float (a prefix counted over the
-    whole graph would quantize the second backbone's stem), and each still has a quantized Conv."""
-    import onnx
-
-    from training.export import _float_prefix_nodes, export_graph
-
-    path = export_graph(turtle_run.model, turtle_run.config.data.image_size, tmp_path / "two.onnx")
-    graph = onnx.load(str(path)).graph
-    kept = set(_float_prefix_nodes(graph, float_prefix=1))
-    convs = [n.name for n in graph.node if n.op_type == "Conv"]
-    for part in ("/parts.0/", "/parts.1/"):
-        own = [c for c in convs if part in c]
-        assert len(own) >= 2 and own[0] in kept and own[-1] not in kept
-        assert all(c not in kept for c in own[1:])
-    first = next(i for i, n in enumerate(graph.node) if "/parts." in n.name)
-    assert first > 0 and all(n.name in kept for n in graph.node[:first])  # pre-processing in float

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -169,31 +168,6 @@ def uint8_images(dataset: ImageDataset, size: int, indices: np.ndarray | None = 
 # The INT8 variant is built by `training.quantize` (sensitivity-chosen float convolutions); these names stay importable.
 _fold_pads = fold_pads
 _shape_nodes = shape_nodes
-
-
-def _float_prefix_nodes(graph: onnx.GraphProto, float_prefix: int) -> list[str]:
-    """Nodes that stay FP32 so that the first `float_prefix` convolutions *of each backbone* run in float (the
-    earlier INT8 rule; the export now keeps float the convolutions chosen by `training.quantize` instead).
-
-    Everything of a backbone up to its last float Conv stays float (its Adds too, else their Q/DQ would feed the next
-    float Conv). Several frozen backbones (`MultiSpace`) are exported one after the other, so a prefix counted over
-    the whole graph would keep one backbone float and quantize the rounding-sensitive stem of the next: each part
-    (`/parts.N/` in the node names) gets its own prefix.
-    """
-    groups: dict[str | None, list[int]] = {}
-    for index, node in enumerate(graph.node):
-        if node.op_type == "Conv":
-            match = re.search(r"/parts\.\d+/", node.name)
-            groups.setdefault(match.group(0) if match else None, []).append(index)
-    names: list[str] = []
-    if None not in groups and groups:  # several parts: the shared pre-processing before them stays float too
-        first = min(i for i, n in enumerate(graph.node) if "/parts." in n.name)
-        names += [n.name for n in graph.node[:first]]
-    for part, convs in groups.items():
-        cut = convs[: min(float_prefix, len(convs) - 1)]  # at least the last Conv is quantized, or it is no INT8
-        if cut:
-            names += [n.name for n in graph.node[: cut[-1] + 1] if part is None or part in n.name]
-    return names
 
 
 def require_int8_gate(agreement: float, n: int, record: dict[str, Any]) -> None:
