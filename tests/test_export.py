@@ -23,14 +23,13 @@ from training.export import (
     INT8_MIN_AGREEMENT,
     PARITY_MAX_ABS,
     ExportError,
-    _fold_pads,
     check_parity,
     export_checkpoint,
     measure_fp16,
-    quantize_int8,
     require_parity,
     uint8_images,
 )
+from training.quantize import fold_pads, quantize_int8
 from training.trainer import Trainer, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +215,7 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
         dynamo=False,
     )
     folded = tmp_path / "folded.onnx"
-    _fold_pads(fp32, folded, images[:1])
+    fold_pads(fp32, folded, images[:1])
     reference = ort.InferenceSession(str(fp32)).run(None, {"images": images})[0]
     assert np.array_equal(ort.InferenceSession(str(folded)).run(None, {"images": images})[0], reference)
     assert not [n for n in onnx.load(str(folded)).graph.node if n.op_type == "Shape"]

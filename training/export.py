@@ -38,7 +38,7 @@ from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
 from training.models.heads import ClusteringModel
-from training.quantize import fold_pads, quantize_int8, shape_nodes
+from training.quantize import quantize_int8
 
 log = logging.getLogger("deepclust.export")
 
@@ -163,11 +163,6 @@ def uint8_images(dataset: ImageDataset, size: int, indices: np.ndarray | None = 
     for row, index in enumerate(tqdm(indices, desc="decode", mininterval=5, leave=False)):
         out[row] = resize_for_model(dataset.load(int(index)), size)
     return out
-
-
-# The INT8 variant is built by `training.quantize` (sensitivity-chosen float convolutions); these names stay importable.
-_fold_pads = fold_pads
-_shape_nodes = shape_nodes
 
 
 def require_int8_gate(agreement: float, n: int, record: dict[str, Any]) -> None:
