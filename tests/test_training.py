@@ -218,3 +218,37 @@ def test_cached_rows_come_a_batch_at_a_time_with_the_per_sample_semantics() -> N
 
     weak, strong, _, index = WeakStrongPasses(passes[:1], passes[1:], labels).rows(torch.tensor([3, 7]))
     assert weak[:, 0].tolist() == [30.0, 70.0] and set(strong[:, 0].tolist()) <= {31.0, 32.0, 71.0, 72.0}
+
+
+def test_frozen_pass_on_onnxruntime_matches_torch_and_says_which_engine_ran(caplog: pytest.LogCaptureFixture) -> None:
+    """CPU passes run the backbone on onnxruntime (about 2x torch eager here); the features must be torch's to
+    float rounding, for a clean and an augmented (batched, seeded) view alike."""
+    import logging
+
+    from training.data.views import eval_transform
+    from training.features import embed
+
+    backbone = create_backbone("effnet_lite0", pretrained=True)
+    small = torch.utils.data.Subset(create_dataset("cifar10", "test"), range(24))
+    augment = BatchAugment(64, strength=0.5, min_scale=0.2)
+    for batch_augment in (None, augment):
+        runs = {}
+        for engine in ("torch", "onnxruntime"):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="training.features"):
+                runs[engine] = embed(
+                    backbone,
+                    small,
+                    eval_transform(64),
+                    batch_size=16,
+                    workers=0,
+                    seed=3,
+                    batch_augment=batch_augment,
+                    engine=engine,
+                )
+            assert ("feature pass on onnxruntime" in caplog.text) == (engine == "onnxruntime")
+        scale = np.abs(runs["torch"]).max()
+        assert np.abs(runs["onnxruntime"] - runs["torch"]).max() <= 1e-4 * max(1.0, scale)
+        assert runs["torch"].std(0).mean() > 1e-3  # real, varied features, not zeros
+    # the two views differ: the augmented pass is really augmented (and seeded the same on both engines)
+    assert np.abs(runs["torch"] - embed(backbone, small, eval_transform(64), workers=0, engine="torch")).max() > 1e-2
