@@ -82,6 +82,9 @@ SUITES: dict[str, dict[str, Experiment]] = {
         **_cces_ablations("fashion_mnist_cces.yaml"),
         **_scan_rows("fashion_mnist_scan.yaml"),
     },
+    "fashion_mnist_spaces": {  # Fashion-MNIST through the same frozen spaces (transductive: test -> test)
+        "turtle-3spaces": Experiment("turtle", "fashion_mnist_spaces_turtle.yaml"),
+    },
     "cifar10_spaces": {  # the wheel-shipped spaces as one model (`benchmarks/spaces.py` gives their ceilings)
         "turtle": Experiment("turtle", "cifar10_spaces_turtle.yaml"),
         **{

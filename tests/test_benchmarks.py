@@ -34,3 +34,16 @@ def test_graph_gflops_counts_conv_and_gemm_multiply_adds(tmp_path: Path) -> None
     path = tmp_path / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     assert graph_gflops(path) == 2 * (8 * 10 * 10 * 27 + 4 * 8) / 1e9
+
+
+def test_every_quality_row_names_a_config_that_validates() -> None:
+    """A suite row is a config plus overrides: each must load, so a long benchmark never dies on a typo at its row."""
+    from benchmarks.quality import CONFIGS, SUITES
+    from training.config import load_config
+
+    for suite, rows in SUITES.items():
+        for key, experiment in rows.items():
+            config = load_config(CONFIGS / experiment.config, list(experiment.overrides))
+            assert config.model.k >= 2, (suite, key)
+    spaces = load_config(CONFIGS / SUITES["fashion_mnist_spaces"]["turtle-3spaces"].config)
+    assert spaces.data.train_split == spaces.data.eval_split == "test"  # the transductive protocol the row names
