@@ -306,3 +306,24 @@ def test_cces_checkpoint_exports_like_cc(tmp_path: Path) -> None:
     result = export_checkpoint(trainer.run_dir, tmp_path / "store", variants=(), parity_images=64, eval_limit=64)
     card = ModelCard.load(tmp_path / "store" / "model.json")
     assert card.method == "cces" and (tmp_path / "store" / "model.onnx").is_file() and result is not None
+
+
+def test_heat_maps_on_onnxruntime_match_torch_on_real_images() -> None:
+    """CPU heat-map passes run on onnxruntime (as feature passes do); the maps, and so the boxes, must be torch's."""
+    from training.data.ccrop import _HeatMaps, compute_heatmaps
+    from training.data.datasets import create_dataset
+    from training.data.views import eval_transform
+    from training.models.backbones import create_backbone
+
+    backbone = create_backbone("effnet_lite0", pretrained=True).train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    images = torch.utils.data.Subset(create_dataset("cifar10", "test"), range(12))
+    heat = compute_heatmaps(backbone, images, 96, batch_size=8)  # CPU, no autocast: onnxruntime
+    # the export must not leave batch norms in training mode or move their statistics (it once did, via the wrapper)
+    assert backbone.training and all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
+    with torch.inference_mode():
+        reference = _HeatMaps(backbone.eval())(torch.stack([eval_transform(96)(images[i][0]) for i in range(12)]))
+    assert heat.shape == reference.shape == (12, 3, 3)
+    assert float((heat - reference).abs().max()) < 1e-4
+    assert float(heat.flatten(1).std(1).min()) > 1e-3  # real maps: not constant
+    assert torch.equal(boxes_from_heatmaps(heat), boxes_from_heatmaps(reference))

@@ -228,7 +228,8 @@ def test_frozen_pass_on_onnxruntime_matches_torch_and_says_which_engine_ran(capl
     from training.data.views import eval_transform
     from training.features import embed
 
-    backbone = create_backbone("effnet_lite0", pretrained=True)
+    backbone = create_backbone("effnet_lite0", pretrained=True).train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
     small = torch.utils.data.Subset(create_dataset("cifar10", "test"), range(24))
     augment = BatchAugment(64, strength=0.5, min_scale=0.2)
     for batch_augment in (None, augment):
@@ -250,5 +251,7 @@ def test_frozen_pass_on_onnxruntime_matches_torch_and_says_which_engine_ran(capl
         scale = np.abs(runs["torch"]).max()
         assert np.abs(runs["onnxruntime"] - runs["torch"]).max() <= 1e-4 * max(1.0, scale)
         assert runs["torch"].std(0).mean() > 1e-3  # real, varied features, not zeros
+    # a pass leaves the backbone as it found it: its mode, and its batch-norm statistics untouched
+    assert backbone.training and all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
     # the two views differ: the augmented pass is really augmented (and seeded the same on both engines)
     assert np.abs(runs["torch"] - embed(backbone, small, eval_transform(64), workers=0, engine="torch")).max() > 1e-2

@@ -70,12 +70,16 @@ def onnx_forward(backbone: torch.nn.Module, example: torch.Tensor) -> Callable[[
     Why: onnxruntime runs these convolutions about twice as fast as torch eager on this CPU
     (`benchmarks/extract_speed.py`), and a frozen pass is nothing but forward calls. The session uses torch's thread
     count (so `OMP_NUM_THREADS` and the cgroup-aware default apply to both) and is checked against torch on `example`:
-    outside `PARITY_TOLERANCE` (relative to the features' scale) the caller keeps torch.
+    outside `PARITY_TOLERANCE` (relative to the features' scale) the caller keeps torch. The module is left in eval
+    mode; callers restore their own.
     """
     try:
         import onnxruntime as ort
     except ImportError:
         return None
+    # Eval mode before the export: the exporter restores the module's own mode afterwards, so a wrapper built in
+    # training mode would switch the backbone's batch norms to training (batch statistics, moving running means).
+    backbone.eval()
     buffer = io.BytesIO()
     try:
         torch.onnx.export(

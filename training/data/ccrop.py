@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,21 @@ def boxes_from_heatmaps(heatmaps: torch.Tensor, threshold: float = 0.1, resoluti
 
 
 @torch.no_grad()
+class _HeatMaps(torch.nn.Module):
+    """Backbone -> heat maps as one module, so that a CPU pass can run it on onnxruntime like a feature pass."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return heatmaps_from_feature_maps(self.backbone.feature_map(images))
+
+
+def _as_tensor(forward: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda images: torch.from_numpy(forward(images))
+
+
 def compute_heatmaps(
     backbone: torch.nn.Module,
     dataset: Dataset,
@@ -131,8 +147,12 @@ def compute_heatmaps(
 ) -> torch.Tensor:
     """Heat maps of every image of `dataset` (serving pre-processing, no augmentation), in dataset order.
 
-    The backbone runs in eval mode (BN running statistics must not move) and is put back in its previous mode.
+    The backbone runs in eval mode (BN running statistics must not move) and is put back in its previous mode. On a
+    CPU without autocast it runs on onnxruntime, checked against torch on the first batch, as feature passes do
+    (`training.features.onnx_forward`).
     """
+    from training.features import onnx_forward
+
     was_training = backbone.training
     backbone.eval()
     loader = DataLoader(
@@ -142,12 +162,23 @@ def compute_heatmaps(
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="heat maps", unit="batch", mininterval=5)
+    module = _HeatMaps(backbone).eval()
+    on_cpu = torch.device(device).type == "cpu" and autocast is None
+
+    def on_torch(images: torch.Tensor) -> torch.Tensor:
+        with autocast or nullcontext():
+            return module(images).float().cpu()
+
+    run: Callable[[torch.Tensor], torch.Tensor] | None = None
     chunks = []
     try:
-        for images, _, _ in loader:
-            with autocast or nullcontext():
-                maps = backbone.feature_map(images.to(device))
-            chunks.append(heatmaps_from_feature_maps(maps).cpu())
+        with torch.inference_mode():
+            for images, _, _ in loader:
+                images = images.to(device)
+                if run is None:
+                    onnx = onnx_forward(module, images[:8]) if on_cpu else None
+                    run = on_torch if onnx is None else _as_tensor(onnx)
+                chunks.append(run(images))
     finally:
         backbone.train(was_training)
     return torch.cat(chunks)
