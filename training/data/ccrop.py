@@ -155,8 +155,14 @@ def compute_heatmaps(
 
     was_training = backbone.training
     backbone.eval()
+    # A generator of its own: a loader without one draws its workers' base seed from the global RNG, so a heat-map
+    # pass computed mid-training (a cache miss) would shift the run's random stream against a run that hit the cache.
     loader = DataLoader(
-        MultiView(dataset, [eval_transform(image_size)]), batch_size=batch_size, shuffle=False, num_workers=workers
+        MultiView(dataset, [eval_transform(image_size)]),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
     )
     if progress:
         from tqdm import tqdm
