@@ -118,7 +118,6 @@ def boxes_from_heatmaps(heatmaps: torch.Tensor, threshold: float = 0.1, resoluti
     return torch.where(empty[:, None], torch.tensor(FULL_BOX), boxes)
 
 
-@torch.no_grad()
 class _HeatMaps(torch.nn.Module):
     """Backbone -> heat maps as one module, so that a CPU pass can run it on onnxruntime like a feature pass."""
 
