@@ -67,7 +67,7 @@ def cached_array(key: dict[str, Any], compute: Callable[[], np.ndarray]) -> np.n
 def onnx_forward(backbone: torch.nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], np.ndarray] | None:
     """The frozen backbone as an onnxruntime session on the CPU, or None when it cannot be one.
 
-    Why: a whole pass ran 1.4× (Lite0) to 1.6× (Lite2) faster on onnxruntime than on torch eager on this CPU
+    Why: a whole pass ran 1.35-1.4× (Lite0) and 1.5-1.6× (Lite2) faster on onnxruntime than torch eager here
     (`benchmarks/extract_speed.py`), and a frozen pass is nothing but forward calls. The session uses torch's thread
     count (so `OMP_NUM_THREADS` and the cgroup-aware default apply to both) and is checked against torch on `example`:
     outside `PARITY_TOLERANCE` (relative to the features' scale) the caller keeps torch. The module is left in eval
