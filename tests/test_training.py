@@ -221,7 +221,7 @@ def test_cached_rows_come_a_batch_at_a_time_with_the_per_sample_semantics() -> N
 
 
 def test_frozen_pass_on_onnxruntime_matches_torch_and_says_which_engine_ran(caplog: pytest.LogCaptureFixture) -> None:
-    """CPU passes run the backbone on onnxruntime (about 2x torch eager here); the features must be torch's to
+    """CPU passes run the backbone on onnxruntime (1.35-1.6x torch eager here); the features must be torch's to
     float rounding, for a clean and an augmented (batched, seeded) view alike."""
     import logging
 

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -30,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from training.data.batch_augment import BatchAugment
 from training.data.views import CropJitter, MultiView, Recipe, _to_rgb, _to_tensor, eval_transform
+from training.features import onnx_forward
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -129,10 +131,6 @@ class _HeatMaps(torch.nn.Module):
         return heatmaps_from_feature_maps(self.backbone.feature_map(images))
 
 
-def _as_tensor(forward: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda images: torch.from_numpy(forward(images))
-
-
 def compute_heatmaps(
     backbone: torch.nn.Module,
     dataset: Dataset,
@@ -150,8 +148,6 @@ def compute_heatmaps(
     CPU without autocast it runs on onnxruntime, checked against torch on the first batch, as feature passes do
     (`training.features.onnx_forward`).
     """
-    from training.features import onnx_forward
-
     was_training = backbone.training
     backbone.eval()
     # A generator of its own: a loader without one draws its workers' base seed from the global RNG, so a heat-map
@@ -170,23 +166,22 @@ def compute_heatmaps(
     module = _HeatMaps(backbone).eval()
     on_cpu = torch.device(device).type == "cpu" and autocast is None
 
-    def on_torch(images: torch.Tensor) -> torch.Tensor:
+    def on_torch(images: torch.Tensor) -> np.ndarray:
         with autocast or nullcontext():
-            return module(images).float().cpu()
+            return module(images).float().cpu().numpy()
 
-    run: Callable[[torch.Tensor], torch.Tensor] | None = None
+    run: Callable[[torch.Tensor], np.ndarray] | None = None
     chunks = []
     try:
         with torch.inference_mode():
             for images, _, _ in loader:
                 images = images.to(device)
                 if run is None:
-                    onnx = onnx_forward(module, images[:8]) if on_cpu else None
-                    run = on_torch if onnx is None else _as_tensor(onnx)
+                    run = (onnx_forward(module, images[:8]) if on_cpu else None) or on_torch
                 chunks.append(run(images))
     finally:
         backbone.train(was_training)
-    return torch.cat(chunks)
+    return torch.from_numpy(np.concatenate(chunks))
 
 
 # ------------------------------------------------------------------------------------------------ crop sampling
