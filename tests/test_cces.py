@@ -332,3 +332,23 @@ def test_heat_maps_on_onnxruntime_match_torch_on_real_images() -> None:
     assert float((heat - reference).abs().max()) < 1e-4
     assert float(heat.flatten(1).std(1).min()) > 1e-3  # real maps: not constant
     assert torch.equal(boxes_from_heatmaps(heat), boxes_from_heatmaps(reference))
+
+
+def test_several_spaces_give_one_heat_map_with_an_equal_vote_each() -> None:
+    """ContrastiveCrop on several frozen spaces: one map per image, the normalised mean of the spaces' own maps (two
+    copies of one backbone give exactly its map; a second, different space moves it)."""
+    from training.data.ccrop import _HeatMaps
+    from training.models.backbones import MultiSpace, create_backbone
+
+    torch.manual_seed(0)
+    a, b = create_backbone("small_cnn").eval(), create_backbone("small_cnn").eval()
+    images = torch.rand(6, 3, 16, 16)
+    with torch.inference_mode():
+        single = _HeatMaps(a)(images)
+        twice = _HeatMaps(MultiSpace(["a", "a"], [a, a]))(images)
+        mixed = _HeatMaps(MultiSpace(["a", "b"], [a, b]))(images)
+        own = (single + _HeatMaps(b)(images)).flatten(1)
+    torch.testing.assert_close(twice, single)
+    expected = (own - own.amin(1, keepdim=True)) / (own.amax(1, keepdim=True) - own.amin(1, keepdim=True))
+    torch.testing.assert_close(mixed.flatten(1), expected)
+    assert float((mixed - single).abs().max()) > 1e-3

@@ -93,3 +93,26 @@ def test_gamma_is_chosen_by_the_label_free_score(tmp_path: Path, monkeypatch: py
     assert [r["gamma"] for r in rows] == [1.0, 10.0] and sum(r["chosen"] for r in rows) == 1
     assert next(r for r in rows if r["chosen"])["score"] == max(r["score"] for r in rows)
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("config", "method"),
+    [
+        (TINY, ["method.name=cc"]),
+        (TINY, ["method.name=cces", "method.ccrop=true", "method.queue_size=200"]),
+        (REPO / "configs" / "digits_scan_tiny.yaml", ["method.pretext=auto"]),
+    ],
+    ids=["cc", "cces", "scan"],
+)
+def test_every_method_trains_on_several_frozen_spaces(config: Path, method: list[str], tmp_path: Path) -> None:
+    """CC, CCES (ContrastiveCrop boxes from both spaces) and SCAN (neighbours on the concatenation) take the two-space
+    model as TURTLE does: their heads read both spaces' 256 features and the run clusters the real images."""
+    from training.run import train
+
+    config = load_config(config, [f"run.out_dir={tmp_path}", *TWO_SPACES, *method])
+    summary = train(config)
+    model, _, _ = load_checkpoint(sorted(config.run_dir.rglob("final.pt"))[-1])  # SCAN: its last stage
+    assert isinstance(model.backbone, MultiSpace) and model.backbone.feature_dim == 256
+    first = next(m for m in model.cluster_head.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 256
+    assert summary["acc"] > 0.2  # frozen random features of real digits: well above chance (0.1)

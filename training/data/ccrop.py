@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 from training.data.batch_augment import BatchAugment
 from training.data.views import CropJitter, MultiView, Recipe, _to_rgb, _to_tensor, eval_transform
 from training.features import onnx_forward
+from training.models.backbones import MultiSpace
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -121,14 +122,23 @@ def boxes_from_heatmaps(heatmaps: torch.Tensor, threshold: float = 0.1, resoluti
 
 
 class _HeatMaps(torch.nn.Module):
-    """Backbone -> heat maps as one module, so that a CPU pass can run it on onnxruntime like a feature pass."""
+    """Backbone -> heat maps as one module, so that a CPU pass can run it on onnxruntime like a feature pass.
+
+    Several spaces (`MultiSpace`) give one map: each backbone's normalised map, resized to the first one's grid, then
+    summed and normalised again, so every space has an equal vote on where the object is.
+    """
 
     def __init__(self, backbone: torch.nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return heatmaps_from_feature_maps(self.backbone.feature_map(images))
+        if not isinstance(self.backbone, MultiSpace):
+            return heatmaps_from_feature_maps(self.backbone.feature_map(images))
+        maps = [heatmaps_from_feature_maps(part.feature_map(images))[:, None] for part in self.backbone.parts]
+        grid = maps[0].shape[-2:]
+        resized = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear") for m in maps]
+        return heatmaps_from_feature_maps(torch.cat(resized, dim=1))
 
 
 def compute_heatmaps(

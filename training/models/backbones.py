@@ -292,9 +292,6 @@ class MultiSpace(nn.Module):
     def split(self, features: torch.Tensor) -> list[torch.Tensor]:
         return list(features.split(self.dims, dim=1))
 
-    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        raise ValueError("heat maps (ContrastiveCrop) need a single backbone")
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.combine([part(images) for part in self.parts])
 
