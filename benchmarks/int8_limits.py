@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": "all-int8-minmax",
                 "calibration_images": args.calibration_images,
                 "agreement": agreement(p_test, q_probs),
-                "embedding_relative_error": relative,
+                "embedding_relative_error": round(relative, 4),
                 "shift_share_of_error": round(shift_share, 4),
             }
         )
