@@ -165,3 +165,26 @@ def test_clip_guard_is_a_no_op_on_dequantized_values() -> None:
     init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert init[clip.input[1]] == pytest.approx(-0.1) and init[clip.input[2]] == pytest.approx(2.45)
     assert np.array_equal(ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0], before)
+
+
+def test_percentile_calibration_clips_the_ranges_minmax_keeps(tiny, tmp_path: Path) -> None:
+    """`calibrate_method="Percentile"` (a study option of `benchmarks/int8_limits.py`) calibrates every activation
+    range inside MinMax's, and strictly inside it somewhere (the tails it drops), on the same images."""
+    import json
+
+    fp32, calibration, _ = tiny
+    ranges = {}
+    for method in ("MinMax", "Percentile"):
+        (tmp_path / method).mkdir()
+        quantizer = Quantizer(fp32, calibration[:64], tmp_path / method, calibrate_method=method)
+        ranges[method] = json.loads(quantizer.cache.read_text())["data"]
+
+    def value(entry: object) -> float:  # the cache writes a bound as a number or as {"data": [x] or x, ...}
+        data = entry["data"] if isinstance(entry, dict) else entry
+        return float(np.ravel(data)[0])
+
+    tensors = ["ar", "br", "c"]  # the activations the Convs read and write after their Relus
+    assert set(tensors) <= ranges["MinMax"].keys() & ranges["Percentile"].keys()
+    widths = {m: {t: value(r[t]["highest"]) - value(r[t]["lowest"]) for t in tensors} for m, r in ranges.items()}
+    assert all(widths["Percentile"][t] <= widths["MinMax"][t] + 1e-6 for t in tensors), widths
+    assert any(widths["Percentile"][t] < 0.99 * widths["MinMax"][t] for t in tensors), widths
