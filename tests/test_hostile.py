@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.core.preprocess import DecodeLimits, ImageError, load_image
+from serving.core.preprocess import DecodeLimits, ImageError, decode_image, load_image
 
 KNOWN_CODES = {"empty", "decode_error", "too_large", "unsupported_format", "bad_request"}
 WORKER_RSS_GROWTH_LIMIT = 300 * (1 << 20)  # generous: one decoded 40 Mpx image would already be 120 MB
@@ -47,6 +47,33 @@ def _data(corpus, name: str) -> bytes:
 
 def _allowed(entry: dict) -> set[str]:
     return set(entry["expect"].split("|"))
+
+
+def test_training_reads_a_hostile_folder_as_serving_decodes_it(corpus):
+    """`deepclust train DIR` on a folder holding the corpus: a file serving refuses is left out (at construction,
+    listed with its reason) or names itself when decoded; every other file gives training exactly serving's pixels
+    (orientation, transparency on white, 16-bit grey rescaled): no train/serve skew, and one bad file never stops a
+    run with a traceback."""
+    from training.data.datasets import IMAGE_EXTENSIONS, FolderDataset
+
+    directory, manifest = corpus
+    dataset = FolderDataset(directory)
+    entries = {e["name"]: e for e in manifest if Path(e["name"]).suffix.lower() in IMAGE_EXTENSIONS}
+    kept = {path.name: index for index, path in enumerate(dataset.paths)}
+    assert set(kept) | set(dataset.skipped) == set(entries)
+    assert {"text.jpg", "bomb-100k.png", "huge-20k.png"} <= set(dataset.skipped)
+    for name, entry in entries.items():
+        if name in dataset.skipped:  # only files serving may refuse
+            assert _allowed(entry) != {"ok"}, (name, dataset.skipped[name])
+            continue
+        try:
+            pixels = np.asarray(dataset.load(kept[name]))
+        except ValueError as exc:
+            assert name in str(exc), exc
+            assert _allowed(entry) != {"ok"}, f"{name} decodes in serving but not in training: {exc}"
+            continue
+        served = np.asarray(decode_image(_data(corpus, name)))
+        assert np.array_equal(pixels, served), name
 
 
 # ------------------------------------------------------------------------------------------ decode path only
@@ -82,7 +109,7 @@ def test_exif_rotation_is_applied(corpus, name):
 
 _PEAK_RSS_PROBE = """
 import json, sys
-from serving.core.preprocess import DecodeLimits, ImageError, load_image
+from serving.core.preprocess import DecodeLimits, ImageError, decode_image, load_image
 from tests.corpus.generate import png_1bit
 
 

@@ -49,6 +49,7 @@ class FolderFacts:
     typical_side: int  # median shorter side of the sampled images, in pixels
     grey_share: float  # share of the sampled images whose pixels are grey
     sampled: int
+    skipped: dict[str, str] = field(default_factory=dict)  # files left out (unreadable, over the limits): why
 
     @property
     def grey(self) -> bool:
@@ -62,7 +63,8 @@ class FolderFacts:
         layout = f"{self.classes} class sub-folders" if self.labelled else "flat (no class sub-folders)"
         colour = "grey" if self.grey else "colour"
         side = self.typical_side
-        return f"{self.images:,} images, {layout}, typical {side}x{side} px, {colour}"
+        left_out = f" ({len(self.skipped)} unreadable files left out)" if self.skipped else ""
+        return f"{self.images:,} images{left_out}, {layout}, typical {side}x{side} px, {colour}"
 
 
 def _is_grey(image: Image.Image) -> bool:
@@ -87,9 +89,9 @@ def inspect_folder(root: str | Path, sample: int = SAMPLE_FILES, seed: int = 0) 
     picked = random.Random(seed).sample(range(len(paths)), min(sample, len(paths)))
     sides, grey = [], 0
     for index in picked:
-        with Image.open(paths[index]) as image:
-            sides.append(min(image.size))
-            grey += _is_grey(image)
+        image = dataset.load(index)  # decoded as training and serving decode it (orientation, transparency, 16 bit)
+        sides.append(min(image.size))
+        grey += _is_grey(image)
     names = dataset.class_names
     return FolderFacts(
         root=str(root),
@@ -99,6 +101,7 @@ def inspect_folder(root: str | Path, sample: int = SAMPLE_FILES, seed: int = 0) 
         typical_side=int(np.median(sides)),
         grey_share=round(grey / max(len(picked), 1), 3),
         sampled=len(picked),
+        skipped=dataset.skipped,
     )
 
 

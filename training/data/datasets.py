@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import tarfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from serving.core.preprocess import DecodeLimits, ImageError, decode_image
 from training.paths import cache_root, data_root
+
+log = logging.getLogger("deepclust.data")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 UNLABELLED = -1
@@ -67,7 +72,13 @@ class ArrayDataset(ImageDataset):
 
 
 class FolderDataset(ImageDataset):
-    """Files decoded on demand (ImageFolder layout gives labels; a flat folder gives none)."""
+    """Files decoded on demand (ImageFolder layout gives labels; a flat folder gives none).
+
+    Decoded by serving's own decoder (`serving.core.preprocess.decode_image`: EXIF orientation, first frame,
+    transparency on white, 16-bit grey rescaled, the same size limits), so a model is trained on the pixels it will
+    be served. Files the decoder would refuse from their header (empty, not an image, over the limits) are left out
+    at construction and listed in `skipped` with the reason, with one warning: one bad file does not stop a run.
+    """
 
     def __init__(self, root: Path) -> None:
         root = Path(root)
@@ -81,8 +92,17 @@ class FolderDataset(ImageDataset):
         else:
             self.class_names = None
             pairs = [(f, UNLABELLED) for f in _image_files(root, recursive=True)]
+        refused = {p: why for p, _ in pairs if (why := _refused_by_header(p))}
+        self.skipped = {str(p.relative_to(root)): why for p, why in refused.items()}
+        pairs = [(p, label) for p, label in pairs if p not in refused]
+        if refused:
+            shown = "; ".join(f"{name} ({why})" for name, why in list(self.skipped.items())[:5])
+            more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+            log.warning(
+                "skipped %d of %d files under %s: %s%s", len(refused), len(refused) + len(pairs), root, shown, more
+            )
         if not pairs:
-            raise ValueError(f"no images found under {root}")
+            raise ValueError(f"no readable images found under {root}")
         self.root = root
         self.paths = [p for p, _ in pairs]
         self.labels = np.array([label for _, label in pairs], dtype=np.int64)
@@ -90,8 +110,31 @@ class FolderDataset(ImageDataset):
         self.fingerprint = folder_fingerprint(root, self.paths)
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB")
+        path = self.paths[index]
+        try:
+            return decode_image(path.read_bytes())
+        except ImageError as exc:  # passed the header check, broken further in: name the file
+            raise ValueError(f"{path}: {exc}; fix or remove the file and run again") from exc
+
+
+def _refused_by_header(path: Path) -> str | None:
+    """Why the serving decoder would refuse this file, judged from its size and header alone (cheap: no pixels are
+    decoded), or None."""
+    limits, size = DecodeLimits(), path.stat().st_size
+    if size == 0:
+        return "empty"
+    if size > limits.max_bytes:
+        return f"{size} bytes, over the {limits.max_bytes} limit"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Exception as exc:  # noqa: BLE001 - any reason Pillow cannot read the header
+        return f"not a readable image ({type(exc).__name__})"
+    if width * height > limits.max_pixels:
+        return f"{width}x{height} pixels, over the {limits.max_pixels} limit"
+    return None
 
 
 def folder_fingerprint(root: Path, paths: list[Path]) -> str:
