@@ -86,8 +86,14 @@ def test_folder_dataset_labelled_and_flat(tmp_path: Path, shared_data: Path) -> 
         members = [m for m in tar.getmembers() if m.isfile()][:2000:100]
         for m in members:
             tar.extract(m, tmp_path / "labelled", filter="data")
+    (tmp_path / "labelled" / "test" / "empty_class").mkdir()  # no image: no class
+    (tmp_path / "labelled" / "test" / "broken_class").mkdir()  # no readable image: no class, its file listed
+    (tmp_path / "labelled" / "test" / "broken_class" / "x.jpg").write_bytes(b"not a jpeg")
     labelled = FolderDataset(tmp_path / "labelled" / "test")
     assert labelled.has_labels and labelled.class_names and len(labelled) == len(members)
+    assert labelled.class_names == sorted({Path(m.name).parent.name for m in members})  # not the two above
+    assert list(labelled.skipped) == ["broken_class/x.jpg"]
+    assert labelled.labels.max() == len(labelled.class_names) - 1
     flat = tmp_path / "flat"
     flat.mkdir()
     for i, path in enumerate(labelled.paths):

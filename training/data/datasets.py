@@ -86,15 +86,18 @@ class FolderDataset(ImageDataset):
             raise FileNotFoundError(f"image folder not found: {root}")
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         files = _image_files(root, recursive=False)
-        if class_dirs and not files:
-            self.class_names = [d.name for d in class_dirs]
-            pairs = [(f, i) for i, d in enumerate(class_dirs) for f in _image_files(d, recursive=True)]
+        if class_dirs and not files:  # ImageFolder layout: one class per sub-folder
+            groups: dict[str | None, list[Path]] = {d.name: _image_files(d, recursive=True) for d in class_dirs}
         else:
-            self.class_names = None
-            pairs = [(f, UNLABELLED) for f in _image_files(root, recursive=True)]
-        refused = {p: why for p, _ in pairs if (why := _refused_by_header(p))}
+            groups = {None: _image_files(root, recursive=True)}
+        refused = {p: why for found in groups.values() for p in found if (why := _refused_by_header(p))}
         self.skipped = {str(p.relative_to(root)): why for p, why in refused.items()}
-        pairs = [(p, label) for p, label in pairs if p not in refused]
+        # A class sub-folder without one readable image is no class (it would count in K and never be found).
+        groups = {name: kept for name, found in groups.items() if (kept := [p for p in found if p not in refused])}
+        self.class_names = [str(name) for name in groups] if None not in groups else None
+        pairs = [
+            (p, UNLABELLED if name is None else i) for i, (name, found) in enumerate(groups.items()) for p in found
+        ]
         if refused:
             shown = "; ".join(f"{name} ({why})" for name, why in list(self.skipped.items())[:5])
             more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
