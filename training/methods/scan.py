@@ -402,7 +402,8 @@ class SCAN(Method):
             raise ValueError(f"{path} holds k={neighbours.k}, config asks {self.settings.neighbours}; use a new run")
         self.neighbours = neighbours
         self.clustering.neighbours = neighbours.indices
-        log.info(json.dumps({"event": "neighbours", "k": neighbours.k, "agreement": neighbours.agreement}))
+        agreement = None if math.isnan(neighbours.agreement) else neighbours.agreement  # no labels: null, not NaN
+        log.info(json.dumps({"event": "neighbours", "k": neighbours.k, "agreement": agreement}))
 
     def summary(self, ctx: MethodContext) -> dict[str, Any]:
         agreement = self.neighbours.agreement if self.neighbours is not None else float("nan")
