@@ -76,6 +76,7 @@ def _scan_rows(config: str, variant: str = "", overrides: tuple[str, ...] = ()) 
 OFFICIAL_VIEWS = ("method.strong_passes=[strong0,strong1]",)
 
 
+THREE_TAPPED = "model.backbone=[effnet_lite0_taps,effnet_lite1_taps,effnet_lite2_taps]"
 TRANSDUCTIVE_3SPACES = ("model.backbone=[effnet_lite0,effnet_lite1,effnet_lite2]", "data.train_split=test")
 
 SUITES: dict[str, dict[str, Experiment]] = {
@@ -96,6 +97,7 @@ SUITES: dict[str, dict[str, Experiment]] = {
         "turtle-3spaces": Experiment(  # every wheel-shipped space (the row's backbone names them)
             "turtle", "cifar10_spaces_turtle.yaml", ("model.backbone=[effnet_lite0,effnet_lite1,effnet_lite2]",)
         ),
+        "turtle-3taps": Experiment("turtle", "cifar10_spaces_turtle.yaml", (THREE_TAPPED,)),
         **_scan_rows("cifar10_spaces_scan.yaml"),
         **_scan_rows("cifar10_spaces_scan.yaml", "officialviews", OFFICIAL_VIEWS),
     },
@@ -113,6 +115,11 @@ SUITES: dict[str, dict[str, Experiment]] = {
         ),
         "turtle": Experiment(
             "turtle-transductive", "cifar10_spaces_turtle.yaml", (*TRANSDUCTIVE_3SPACES, "optim.epochs=500")
+        ),
+        "turtle-taps": Experiment(  # each backbone's last-block and head features: six spaces, the same passes' cost
+            "turtle-transductive",
+            "cifar10_spaces_turtle.yaml",
+            (THREE_TAPPED, "data.train_split=test", "optim.epochs=500"),
         ),
     },
     "cifar10_lite0": {
