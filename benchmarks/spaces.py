@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides (e.g. data.subset=1000)")
     args = parser.parse_args(argv)
+    if overrides := [s for s in args.spaces if "=" in s]:  # `--spaces a b key=value` swallows the override
+        parser.error(f"{overrides} read as spaces: put KEY=VALUE overrides before --spaces")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python benchmarks/spaces.py " + " ".join(sys.argv[1:] if argv is None else argv)
     combos = [[s] for s in args.spaces] + ([args.spaces] if len(args.spaces) > 1 else [])
