@@ -76,8 +76,10 @@ def _scan_rows(config: str, variant: str = "", overrides: tuple[str, ...] = ()) 
 OFFICIAL_VIEWS = ("method.strong_passes=[strong0,strong1]",)
 
 
+THREE_SPACES = "model.backbone=[effnet_lite0,effnet_lite1,effnet_lite2]"
 THREE_TAPPED = "model.backbone=[effnet_lite0_taps,effnet_lite1_taps,effnet_lite2_taps]"
-TRANSDUCTIVE_3SPACES = ("model.backbone=[effnet_lite0,effnet_lite1,effnet_lite2]", "data.train_split=test")
+TRANSDUCTIVE = "data.train_split=test"  # fit and score on the test images
+TRANSDUCTIVE_3SPACES = (THREE_SPACES, TRANSDUCTIVE)
 
 SUITES: dict[str, dict[str, Experiment]] = {
     "fashion_mnist": {
@@ -95,7 +97,7 @@ SUITES: dict[str, dict[str, Experiment]] = {
             for b in ("effnet_lite0", "effnet_lite1", "effnet_lite2")
         },
         "turtle-3spaces": Experiment(  # every wheel-shipped space (the row's backbone names them)
-            "turtle", "cifar10_spaces_turtle.yaml", ("model.backbone=[effnet_lite0,effnet_lite1,effnet_lite2]",)
+            "turtle", "cifar10_spaces_turtle.yaml", (THREE_SPACES,)
         ),
         "turtle-3taps": Experiment("turtle", "cifar10_spaces_turtle.yaml", (THREE_TAPPED,)),
         **_scan_rows("cifar10_spaces_scan.yaml"),
@@ -119,7 +121,7 @@ SUITES: dict[str, dict[str, Experiment]] = {
         "turtle-taps": Experiment(  # each backbone's last-block and head features: six spaces, the same passes' cost
             "turtle-transductive",
             "cifar10_spaces_turtle.yaml",
-            (THREE_TAPPED, "data.train_split=test", "optim.epochs=500"),
+            (THREE_TAPPED, TRANSDUCTIVE, "optim.epochs=500"),
         ),
     },
     "cifar10_lite0": {
