@@ -57,19 +57,15 @@ def head_session(fp32: Path, workdir: Path, threads: int):  # noqa: ANN201
     return _session(path, threads)
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
+def with_ones(x: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((len(x), 1), x.dtype)])
 
 
 def ridge_map(x: np.ndarray, y: np.ndarray, weight: float) -> np.ndarray:
-    """[x, 1] @ A ~ y, least squares with an L2 penalty `weight` (the bias unpenalised is not worth the code)."""
-    design = np.hstack([x, np.ones((len(x), 1), x.dtype)]).astype(np.float64)
+    """[x, 1] @ A ~ y, least squares with an L2 penalty `weight` (on the bias too: sparing it is not worth the code)."""
+    design = with_ones(x).astype(np.float64)
     gram = design.T @ design + weight * np.eye(design.shape[1])
     return np.linalg.solve(gram, design.T @ y.astype(np.float64))
-
-
-def with_ones(x: np.ndarray) -> np.ndarray:
-    return np.hstack([x, np.ones((len(x), 1), x.dtype)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.data.datasets import create_dataset
     from training.export import uint8_images
-    from training.quantize import Quantizer
+    from training.quantize import Quantizer, agreement
 
     fp32 = args.model / "model.onnx"
     props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(fp32)).metadata_props}
