@@ -109,7 +109,7 @@ def test_exif_rotation_is_applied(corpus, name):
 
 _PEAK_RSS_PROBE = """
 import json, sys
-from serving.core.preprocess import DecodeLimits, ImageError, decode_image, load_image
+from serving.core.preprocess import DecodeLimits, ImageError, load_image
 from tests.corpus.generate import png_1bit
 
 
