@@ -8,30 +8,36 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from training.qat import FakeQuantGraph, FineTune
 from training.quantize import (
     Quantizer,
+    agreement,
+    fine_tuned,
     keep_float_convs_float,
     probabilities,
     quantize_int8,
+    relative_error,
     scalar_constants,
     select_float_nodes,
     sensitivities,
 )
 
 
-def _tiny_graph(path: Path, rng: np.random.Generator) -> list[str]:
+def _tiny_graph(path: Path, rng: np.random.Generator, hard: bool = True) -> list[str]:
     """uint8 NHWC 8x8 -> normalise -> conv_a 3->8 -> Relu -> conv_b 8->8 -> Relu -> conv_c 8->8 (1x1) -> pool ->
     Gemm 8->4 -> Softmax. conv_b is made hard to quantize: its weights on conv_a's channel 0, which is always zero
     after the Relu, are 1000x the others, so they cost nothing in float but set conv_b's per-channel int8 step
-    (max/127), which rounds every other weight to zero."""
+    (max/127), which rounds every other weight to zero. `hard=False`: conv_b like the others."""
     conv_a = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
     conv_a[0] = 0.0
     bias_a = np.zeros(8, np.float32)
     bias_a[0] = -1.0  # channel 0 of conv_a: always 0 after the Relu
     conv_b = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
-    conv_b[:, 0] = 300.0
+    if hard:
+        conv_b[:, 0] = 300.0
     conv_c = rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32)
     init = [
         numpy_helper.from_array(conv_a, "wa"),
@@ -70,15 +76,24 @@ def _tiny_graph(path: Path, rng: np.random.Generator) -> list[str]:
     return ["conv_a", "conv_b", "conv_c"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+def _tiny(folder: Path, hard: bool) -> tuple[Path, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("quantize")
-    _tiny_graph(folder / "tiny.onnx", rng)
+    _tiny_graph(folder / "tiny.onnx", rng, hard)
     # One colour per image plus noise: images that differ, so that the clusters do.
     colours = rng.integers(0, 256, (640, 1, 1, 3))
     images = np.clip(colours + rng.normal(0, 20, (640, 8, 8, 3)), 0, 255).astype(np.uint8)
     return folder / "tiny.onnx", images[:128], images[128:]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    return _tiny(tmp_path_factory.mktemp("quantize"), hard=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The tiny graph without the conv_b trap: its all-INT8 error is rounding noise spread over the layers."""
+    return _tiny(tmp_path_factory.mktemp("quantize-plain"), hard=False)
 
 
 def _convs_after_load(path: Path) -> dict[str, list[str]]:
@@ -188,3 +203,41 @@ def test_percentile_calibration_clips_the_ranges_minmax_keeps(tiny, tmp_path: Pa
     widths = {m: {t: value(r[t]["highest"]) - value(r[t]["lowest"]) for t in tensors} for m, r in ranges.items()}
     assert all(widths["Percentile"][t] <= widths["MinMax"][t] + 1e-6 for t in tensors), widths
     assert any(widths["Percentile"][t] < 0.99 * widths["MinMax"][t] for t in tensors), widths
+
+
+def test_fake_quant_graph_runs_the_int8_graph_in_torch(tiny_plain, tmp_path: Path) -> None:
+    """Quantisation-aware fine-tuning trains on a torch copy of the all-INT8 graph: it must compute what onnxruntime
+    computes from that graph (up to rounding ties), not the FP32 function, and write back the float weights."""
+    fp32, calibration, held_out = tiny_plain
+    quantizer = Quantizer(fp32, calibration, tmp_path)
+    float_graph = onnx.load(str(quantizer.corrected))
+    simulated = FakeQuantGraph(onnx.load(str(tmp_path / "all.onnx")), float_graph)
+    with torch.no_grad():
+        p_sim = simulated(torch.from_numpy(held_out))["probabilities"].numpy()
+    p_int8 = probabilities(ort.InferenceSession(str(tmp_path / "all.onnx")), held_out)
+    p_fp32 = probabilities(ort.InferenceSession(str(fp32)), held_out)
+    assert agreement(p_int8, p_sim) >= 0.98
+    assert relative_error(p_int8, p_sim) < 0.1 * relative_error(p_fp32, p_int8)  # INT8's error, not another
+    written = {i.name: numpy_helper.to_array(i) for i in simulated.write(float_graph).graph.initializer}
+    for init in float_graph.graph.initializer:
+        np.testing.assert_array_equal(written[init.name], numpy_helper.to_array(init))
+
+
+def test_fine_tuning_lowers_the_int8_error(tiny_plain, tmp_path: Path) -> None:
+    """Weights trained under the simulated INT8 arithmetic give an all-INT8 graph closer to the FP32 one, on images
+    the fine-tuning never saw; the fine-tuned quantizer keeps the ranges it trained under and adds no bias
+    correction, and the record says what ran."""
+    fp32, calibration, held_out = tiny_plain
+    tuning, unseen = held_out[:256], held_out[256:]
+    quantizer = Quantizer(fp32, calibration, tmp_path)
+    p_fp32 = probabilities(ort.InferenceSession(str(fp32)), unseen)
+    before = relative_error(p_fp32, probabilities(ort.InferenceSession(str(tmp_path / "all.onnx")), unseen))
+    teacher = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    tuned, report = fine_tuned(quantizer, FineTune(tuning, epochs=20, lr=1e-3, batch=32), teacher)
+    after = relative_error(p_fp32, probabilities(ort.InferenceSession(str(tuned.build(tmp_path / "t.onnx"))), unseen))
+    assert after < 0.8 * before, (before, after)
+    assert report.last_loss < report.first_loss and report.record()["images"] == 256
+    assert (
+        tuned.corrected_bias == {}
+        and (tmp_path / "fine-tuned" / "calibration.json").read_text() == (tmp_path / "calibration.json").read_text()
+    )

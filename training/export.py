@@ -38,6 +38,7 @@ from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
 from training.models.heads import ClusteringModel
+from training.qat import FineTune
 from training.quantize import quantize_int8
 
 log = logging.getLogger("deepclust.export")
@@ -163,6 +164,27 @@ def uint8_images(dataset: ImageDataset, size: int, indices: np.ndarray | None = 
     for row, index in enumerate(tqdm(indices, desc="decode", mininterval=5, leave=False)):
         out[row] = resize_for_model(dataset.load(int(index)), size)
     return out
+
+
+def int8_training_images(
+    train_set: ImageDataset,
+    size: int,
+    rng: np.random.Generator,
+    calibration_images: int,
+    selection_images: int,
+    fine_tune_images: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Three disjoint draws of training images for INT8 (label-free): calibration, the held-out images that choose
+    the float nodes (the gate is then measured on the evaluation set), and the fine-tuning images (None if 0). The
+    first two do not depend on `fine_tune_images`. A set smaller than the first two reuses its images."""
+    picked = rng.permutation(len(train_set))[: calibration_images + selection_images + fine_tune_images]
+    selection_end = calibration_images + selection_images
+    calibration = uint8_images(train_set, size, np.sort(picked[:calibration_images]))
+    held = picked[calibration_images:selection_end] if len(picked) > calibration_images else picked
+    held_out = uint8_images(train_set, size, np.sort(held))
+    tuning = picked[selection_end:] if len(picked) > selection_end else picked
+    fine_tune = uint8_images(train_set, size, np.sort(tuning)) if fine_tune_images else None
+    return calibration, held_out, fine_tune
 
 
 def require_int8_gate(agreement: float, n: int, record: dict[str, Any]) -> None:
@@ -301,8 +323,11 @@ def export_checkpoint(
     selection_images: int = 2000,
     eval_limit: int | None = None,
     rebuild_command: str | None = None,
+    fine_tune_images: int = 0,
+    fine_tune_epochs: int = FineTune.epochs,
 ) -> ExportResult:
-    """Checkpoint -> `out_dir/model.onnx` (+ variants) + `model.json`, checked for parity and agreement."""
+    """Checkpoint -> `out_dir/model.onnx` (+ variants) + `model.json`, checked for parity and agreement. With
+    `fine_tune_images`, the INT8 variant's weights are fine-tuned on that many training images (`training.qat`)."""
     from training.trainer import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
@@ -343,17 +368,19 @@ def export_checkpoint(
         fp16_gate: dict[str, Any] | None = None
         if "int8" in variants:
             train_set = create_dataset(config.data.dataset, config.data.train_split, config.data.root)
-            picked = rng.permutation(len(train_set))[: calibration_images + selection_images]
-            calibration = uint8_images(train_set, size, np.sort(picked[:calibration_images]))
-            # Label-free choice of the float convolutions on training images the calibration never saw; the gate
-            # below is then measured on the evaluation set.
-            held_out = uint8_images(
-                train_set, size, np.sort(picked[calibration_images:] if len(picked) > calibration_images else picked)
+            calibration, held_out, fine_tune = int8_training_images(
+                train_set, size, rng, calibration_images, selection_images, fine_tune_images
             )
             p_held_out, _ = run_onnx(fp32_session, held_out)
             int8 = staging / "model.int8.onnx"
             quantized = quantize_int8(
-                fp32, int8, calibration, held_out, INT8_MIN_AGREEMENT + INT8_SELECTION_MARGIN, reference=p_held_out
+                fp32,
+                int8,
+                calibration,
+                held_out,
+                INT8_MIN_AGREEMENT + INT8_SELECTION_MARGIN,
+                reference=p_held_out,
+                fine_tune=None if fine_tune is None else FineTune(fine_tune, epochs=fine_tune_epochs),
             )
             p_int8, _ = run_onnx(session(int8), eval_images)
             int8_agreement = _agreement(p_fp32, p_int8)

@@ -20,10 +20,12 @@ from training.export import (
     INT8_MIN_AGREEMENT,
     INT8_SELECTION_MARGIN,
     int8_metadata,
+    int8_training_images,
     require_int8_gate,
     uint8_images,
     write_metadata,
 )
+from training.qat import FineTune
 from training.quantize import _session, agreement, probabilities, quantize_int8
 
 log = logging.getLogger("deepclust.quantize")
@@ -38,6 +40,8 @@ def requantize(
     sensitivity_images: int | None = None,
     eval_limit: int | None = None,
     threads: int = 0,
+    fine_tune_images: int = 0,
+    fine_tune_epochs: int = FineTune.epochs,
 ) -> dict[str, object]:
     """Rebuild `folder/model.int8.onnx` from the store's FP32 file, with the export's image choice (seed 0:
     calibration and held-out images from `train_split`, the gate on the whole evaluation split named in the
@@ -54,9 +58,9 @@ def requantize(
     n_eval = len(eval_set) if eval_limit is None else min(eval_limit, len(eval_set))
     eval_index = np.sort(rng.choice(len(eval_set), size=n_eval, replace=False))
     train_set = create_dataset(metrics["dataset"], train_split)
-    picked = rng.permutation(len(train_set))[: calibration_images + selection_images]
-    calibration = uint8_images(train_set, size, np.sort(picked[:calibration_images]))
-    held_out = uint8_images(train_set, size, np.sort(picked[calibration_images:]))
+    calibration, held_out, fine_tune = int8_training_images(
+        train_set, size, rng, calibration_images, selection_images, fine_tune_images
+    )
     fp32_session = _session(fp32, threads)
     with tempfile.TemporaryDirectory() as tmp:
         int8 = Path(tmp) / "model.int8.onnx"
@@ -69,6 +73,7 @@ def requantize(
             reference=probabilities(fp32_session, held_out),
             sensitivity_images=sensitivity_images,
             threads=threads,
+            fine_tune=None if fine_tune is None else FineTune(fine_tune, epochs=fine_tune_epochs),
         )
         eval_images = uint8_images(eval_set, size, eval_index)
         gate = agreement(probabilities(fp32_session, eval_images), probabilities(_session(int8, threads), eval_images))
@@ -95,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensitivity-images", type=int, help="default: SENSITIVITY_BUDGET split over the nodes")
     parser.add_argument("--eval-limit", type=int, help="gate on this many evaluation images (default: all)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--fine-tune-images", type=int, default=0, help="quantisation-aware fine-tuning on this many training images"
+    )
+    parser.add_argument("--fine-tune-epochs", type=int, default=FineTune.epochs)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for folder in args.folders:
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             sensitivity_images=args.sensitivity_images,
             eval_limit=args.eval_limit,
             threads=args.threads,
+            fine_tune_images=args.fine_tune_images,
+            fine_tune_epochs=args.fine_tune_epochs,
         )
         print(json.dumps({k: v for k, v in summary.items() if k != "float"}), flush=True)
     return 0

@@ -27,6 +27,15 @@ def command(
     ] = True,
     parity_images: Annotated[int, typer.Option(min=1, help="evaluation images for the torch/ONNX parity check")] = 1000,
     calibration_images: Annotated[int, typer.Option(min=1, help="training images for INT8 calibration")] = 512,
+    int8_fine_tune_images: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="quantisation-aware fine-tuning of the INT8 variant on this many training images (0: calibration "
+            "only); more of the graph then runs in int8 at the same agreement gate",
+        ),
+    ] = 0,
+    int8_fine_tune_epochs: Annotated[int, typer.Option(min=1, help="epochs of that fine-tuning")] = 4,
     rebuild_command: Annotated[
         str | None, typer.Option(help="command recorded in model.json to rebuild this model (default: this export)")
     ] = None,
@@ -52,6 +61,8 @@ def command(
             calibration_images=calibration_images,
             eval_limit=eval_limit,
             rebuild_command=rebuild_command,
+            fine_tune_images=int8_fine_tune_images,
+            fine_tune_epochs=int8_fine_tune_epochs,
         )
     except (ExportError, FileNotFoundError, ValueError) as error:
         typer.echo(f"export failed: {error}", err=True)
