@@ -231,16 +231,48 @@ class DistillReport:
     steps: int
     images: int
     seconds: float
-    first_loss: float
-    last_loss: float
+    # The loss on the first `PROBE_IMAGES` tuning images (no gradient) before and after: the training's effect,
+    # without the noise of per-batch losses.
+    loss_before: float
+    loss_after: float
 
     def record(self) -> dict[str, object]:
         return {
             "steps": self.steps,
             "images": self.images,
             "seconds": round(self.seconds, 1),
-            "loss_first_last": [round(self.first_loss, 5), round(self.last_loss, 5)],
+            "probe_loss_before_after": [round(self.loss_before, 5), round(self.loss_after, 5)],
         }
+
+
+PROBE_IMAGES = 256
+
+
+class _Distillation:
+    """The loss: KL(teacher || student) on the cluster probabilities, plus the embedding's squared error relative
+    to the teacher embedding's mean squared norm (when the graph has an embedding)."""
+
+    def __init__(self, probabilities: np.ndarray, embedding: np.ndarray | None) -> None:
+        self.probabilities = torch.from_numpy(probabilities).float()
+        self.embedding = None if embedding is None else torch.from_numpy(embedding).float()
+        self.scale = 1.0 if self.embedding is None else float((self.embedding**2).sum(1).mean()) or 1.0
+
+    def __call__(self, out: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        target = self.probabilities[index]
+        loss = (target * (target.clamp_min(1e-8).log() - out[PROBABILITIES].clamp_min(1e-8).log())).sum(1).mean()
+        if self.embedding is not None:
+            loss = loss + ((out[EMBEDDING] - self.embedding[index]) ** 2).sum(1).mean() / self.scale
+        return loss
+
+    @torch.no_grad()
+    def probe(self, student: FakeQuantGraph, images: np.ndarray, batch: int) -> float:
+        """The mean loss on the first `PROBE_IMAGES` images."""
+        count = min(len(images), PROBE_IMAGES)
+        total = 0.0
+        for first in range(0, count, batch):
+            index = torch.arange(first, min(first + batch, count))
+            total += float(self(student(torch.from_numpy(images[index.numpy()])), index)) * len(index)
+        return total / max(count, 1)
 
 
 def distill(
@@ -250,42 +282,36 @@ def distill(
     teacher_embedding: np.ndarray | None = None,
 ) -> DistillReport:
     """Train `student` (in place) to reproduce the teacher's outputs on `settings.images` under its simulated
-    quantization: KL(teacher || student) on the cluster probabilities + the embedding's squared error relative to
-    the teacher embedding's mean squared norm. Adam, cosine-decayed learning rate; the images as the teacher saw
-    them (the targets are per image, so no augmentation)."""
+    quantization (`_Distillation`). Adam, cosine-decayed learning rate; the images as the teacher saw them (the
+    targets are per image, so no augmentation)."""
     from tqdm import tqdm
 
     images, batch = settings.images, settings.batch
+    loss_of = _Distillation(teacher_probabilities, teacher_embedding)
+    before = loss_of.probe(student, images, batch)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = settings.epochs * (len(images) // batch)
     optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    target_p = torch.from_numpy(teacher_probabilities).float()
-    target_e = None if teacher_embedding is None else torch.from_numpy(teacher_embedding).float()
-    scale_e = 1.0 if target_e is None else float((target_e**2).sum(1).mean()) or 1.0
-    losses: list[float] = []
+    recent: list[float] = []
+    done = 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="int8 fine-tune", unit="step", leave=False)
     for _ in range(settings.epochs):
         order = torch.randperm(len(images), generator=generator)
         for first in range(0, len(order) - batch + 1, batch):
             index = order[first : first + batch]
-            x = torch.from_numpy(images[index.numpy()])
-            out = student(x)
-            p = out[PROBABILITIES].clamp_min(1e-8)
-            t = target_p[index]
-            kl = (t * (t.clamp_min(1e-8).log() - p.log())).sum(1).mean()
-            loss = kl
-            if target_e is not None:
-                loss = loss + ((out[EMBEDDING] - target_e[index]) ** 2).sum(1).mean() / scale_e
+            loss = loss_of(student(torch.from_numpy(images[index.numpy()])), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            recent = [*recent[-19:], float(loss.detach())]
+            done += 1
             bar.update()
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
     bar.close()
-    report = DistillReport(len(losses), len(images), time.perf_counter() - start, losses[0], np.mean(losses[-20:]))
+    seconds = time.perf_counter() - start
+    report = DistillReport(done, len(images), seconds, before, loss_of.probe(student, images, batch))
     log.info(json.dumps({"event": "int8_fine_tuned", **report.record()}))
     return report
