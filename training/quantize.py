@@ -20,6 +20,11 @@ store model from its FP32 file) does, label-free and for any model:
    the gate with a margin (a candidate stops being evaluated as soon as it cannot reach it). Float Convs fed by a
    DequantizeLinear get a no-op Clip so that onnxruntime does not re-quantize them (per tensor) at load.
 
+With `fine_tune` (`deepclust export --int8-fine-tune-images N`, `python -m training.requantize --fine-tune-images
+N`), the weights are first trained under the all-INT8 graph's simulated arithmetic to give the FP32 graph's outputs
+(`training.qat`, `fine_tuned`), and steps 3-4 then run on that graph, with the ranges it was trained under and no
+bias correction (its biases were trained); the agreement is still with the original FP32 graph.
+
 The evaluation set is never used here: the export measures its 99 % gate on it afterwards. Measured on the store
 models (README, engine section): the quantization error of these EfficientNet-Lite graphs is spread over all layers,
 so the gate keeps most of the arithmetic float (74 % on cifar10-lite0) and INT8 is 1.4-1.7x FP32, not 2x.
