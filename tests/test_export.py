@@ -250,6 +250,25 @@ def test_int8_variant_passes_the_gate_and_records_it(trained_run: Path, tmp_path
     assert card.model_extra["int8_selection"] == selection
 
 
+def test_export_fine_tunes_the_int8_weights_when_asked(trained_run: Path, tmp_path: Path) -> None:
+    """`--int8-fine-tune-images`: the INT8 variant's weights are trained under its arithmetic first (on the model's
+    own graph: every operator of the exported graph is simulated), the gate still holds against the FP32 file, and
+    the record says what ran; the FP32 file is the one an export without fine-tuning writes."""
+    out, plain = tmp_path / "tuned", tmp_path / "plain"
+    result = _export_cli(
+        trained_run, out, "--no-fp16", "--int8-fine-tune-images", "256", "--int8-fine-tune-epochs", "1"
+    )
+    assert result.exit_code == 0, result.output
+    card = ModelCard.model_validate_json((out / "model.json").read_text())
+    assert "fine_tune" in card.model_extra["int8_selection"], result.output[-3000:]
+    tuned = card.model_extra["int8_selection"]["fine_tune"]
+    assert tuned["images"] == 256 and tuned["steps"] == 256 // 32
+    assert card.files["model.int8.onnx"].agreement_vs_fp32 >= INT8_MIN_AGREEMENT
+    assert _export_cli(trained_run, plain, "--no-fp16", "--no-int8").exit_code == 0
+    fp32 = [onnx.load(str(folder / "model.onnx")).graph.initializer for folder in (out, plain)]
+    assert all(np.array_equal(*(onnx.numpy_helper.to_array(i) for i in pair)) for pair in zip(*fp32, strict=True))
+
+
 # ------------------------------------------------------------------------------------- refusals, end to end
 def _export_cli(run: Path, out: Path, *extra: str):
     args = ["export", str(run), "-o", str(out), "--parity-images", "200", "--calibration-images", "128", *extra]

@@ -176,13 +176,14 @@ def int8_training_images(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Three disjoint draws of training images for INT8 (label-free): calibration, the held-out images that choose
     the float nodes (the gate is then measured on the evaluation set), and the fine-tuning images (None if 0). The
-    first two do not depend on `fine_tune_images`. A set smaller than the first two reuses its images."""
+    first two do not depend on `fine_tune_images`. A set smaller than the first two reuses its images (the
+    fine-tuning then takes `fine_tune_images` of them)."""
     picked = rng.permutation(len(train_set))[: calibration_images + selection_images + fine_tune_images]
     selection_end = calibration_images + selection_images
     calibration = uint8_images(train_set, size, np.sort(picked[:calibration_images]))
     held = picked[calibration_images:selection_end] if len(picked) > calibration_images else picked
     held_out = uint8_images(train_set, size, np.sort(held))
-    tuning = picked[selection_end:] if len(picked) > selection_end else picked
+    tuning = picked[selection_end:] if len(picked) > selection_end else picked[:fine_tune_images]
     fine_tune = uint8_images(train_set, size, np.sort(tuning)) if fine_tune_images else None
     return calibration, held_out, fine_tune
 

@@ -35,7 +35,8 @@ PROBABILITIES, EMBEDDING = "probabilities", "embedding"  # the served graphs' ou
 SUPPORTED_OPS = {
     *("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Transpose", "Cast", "Add", "Sub", "Mul", "Div"),
     *("ReduceMean", "Relu", "Clip", "Softmax", "ArgMax", "ReduceL2", "Max", "Concat"),
-    *("GlobalAveragePool", "MaxPool", "Flatten"),
+    *("GlobalAveragePool", "MaxPool", "Flatten", "ReduceSum", "Sqrt", "Pow", "Sigmoid", "Identity", "Reshape"),
+    "Constant",
 }
 
 
@@ -57,6 +58,17 @@ def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _attributes(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _dequantize(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> np.ndarray:
+    value = constants[node.input[0]].astype(np.float32)
+    scale = constants[node.input[1]].astype(np.float32)
+    zero = constants[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+    if scale.ndim == 1 and scale.size > 1:  # per channel, along `axis`
+        shape = [1] * value.ndim
+        shape[int(_attributes(node).get("axis", 1))] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((value - zero) * scale).astype(np.float32)
 
 
 def _range(dtype: np.dtype) -> tuple[int, int]:
@@ -107,8 +119,10 @@ class FakeQuantGraph(torch.nn.Module):
                     names.append(f"param:{trainable(original.input[position])}")
                 self._inputs[node.name] = names
         for name, value in constants.items():
-            if value.dtype.kind == "f" or name.endswith(("_scale", "_zero_point")):
-                self._buffers_by_name[name] = torch.from_numpy(np.array(value))
+            self._buffers_by_name[name] = torch.from_numpy(np.array(value))
+        for node in self.nodes:  # quantized constants read by other operators (a Conv reads its float copy)
+            if node.op_type == "DequantizeLinear" and node.input[0] in constants:
+                self._buffers_by_name[node.output[0]] = torch.from_numpy(_dequantize(node, constants))
 
     def _value(self, name: str, env: dict[str, torch.Tensor]) -> torch.Tensor:
         if name.startswith("param:"):
@@ -183,6 +197,24 @@ class FakeQuantGraph(torch.nn.Module):
             return torch.softmax(args[0], dim=attrs.get("axis", -1))
         if op == "ArgMax":
             return args[0].argmax(dim=attrs.get("axis", 0))
+        if op == "ReduceSum":
+            axes = attrs.get("axes") or (args[1].tolist() if len(args) > 1 and args[1] is not None else None)
+            keep = bool(attrs.get("keepdims", 1))
+            return args[0].sum(dim=tuple(axes), keepdim=keep) if axes else args[0].sum()
+        if op == "Constant":
+            return torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
+        if op == "Sqrt":
+            return torch.sqrt(args[0])
+        if op == "Pow":
+            return torch.pow(args[0], args[1])
+        if op == "Sigmoid":
+            return torch.sigmoid(args[0])
+        if op == "Identity":
+            return args[0]
+        if op == "Reshape":
+            shape = [int(d) for d in args[1].tolist()]
+            shape = [args[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]  # ONNX: 0 copies the dim
+            return args[0].reshape(shape)
         if op == "ReduceL2":
             axes = attrs.get("axes") or args[1].tolist()
             return args[0].norm(dim=tuple(axes), keepdim=bool(attrs.get("keepdims", 1)))
