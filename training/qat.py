@@ -36,7 +36,7 @@ SUPPORTED_OPS = {
     *("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Transpose", "Cast", "Add", "Sub", "Mul", "Div"),
     *("ReduceMean", "Relu", "Clip", "Softmax", "ArgMax", "ReduceL2", "Max", "Concat"),
     *("GlobalAveragePool", "MaxPool", "Flatten", "ReduceSum", "Sqrt", "Pow", "Sigmoid", "Identity", "Reshape"),
-    "Constant",
+    *("Constant", "Shape", "Expand", "Split", "Unsqueeze"),
 }
 
 
@@ -172,13 +172,17 @@ class FakeQuantGraph(torch.nn.Module):
                     env[node.output[0]] = out if bias is None else out + attrs.get("beta", 1.0) * bias
                 continue
             args = [self._value(n, env) if n else None for n in node.input]
-            env[node.output[0]] = self._run(op, attrs, args)
+            result = self._run(op, attrs, args)
+            for name, value in zip(node.output, result if isinstance(result, tuple) else (result,), strict=True):
+                env[name] = value
             if op == "Softmax":
                 env["logits"] = args[0]
         return env
 
     @staticmethod
-    def _run(op: str, attrs: dict[str, object], args: list[torch.Tensor | None]) -> torch.Tensor:
+    def _run(
+        op: str, attrs: dict[str, object], args: list[torch.Tensor | None]
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if op == "Transpose":
             return args[0].permute(*attrs["perm"])
         if op == "Cast":
@@ -201,6 +205,24 @@ class FakeQuantGraph(torch.nn.Module):
             axes = attrs.get("axes") or (args[1].tolist() if len(args) > 1 and args[1] is not None else None)
             keep = bool(attrs.get("keepdims", 1))
             return args[0].sum(dim=tuple(axes), keepdim=keep) if axes else args[0].sum()
+        if op == "Shape":
+            return torch.tensor(args[0].shape[attrs.get("start", 0) : attrs.get("end")], dtype=torch.int64)
+        if op == "Expand":  # ONNX broadcasts both ways
+            shape = torch.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1].tolist()))
+            return torch.broadcast_to(args[0], shape)
+        if op == "Split":
+            sizes = attrs.get("split") or (args[1].tolist() if len(args) > 1 and args[1] is not None else None)
+            axis = attrs.get("axis", 0)
+            if sizes is None:
+                sizes = args[0].shape[axis] // attrs["num_outputs"]
+            return tuple(torch.split(args[0], sizes, dim=axis))
+        if op == "Unsqueeze":
+            axes = attrs.get("axes") or args[1].tolist()
+            rank = args[0].ndim + len(axes)
+            out = args[0]
+            for axis in sorted(a % rank for a in axes):
+                out = out.unsqueeze(axis)
+            return out
         if op == "Constant":
             return torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
         if op == "Sqrt":
