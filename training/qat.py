@@ -6,11 +6,12 @@ error is rounding noise added layer by layer (`benchmarks/int8_limits.py`), whic
 absorb. So the QDQ graph that `training.quantize` builds is run in torch as it is (`FakeQuantGraph`): every
 QuantizeLinear -> DequantizeLinear pair of an activation becomes a fake quantizer with the calibrated scale and zero
 point (straight-through gradient inside the range, none outside), every quantized Conv weight is re-quantized per
-output channel (symmetric int8, onnxruntime's rule) from a float copy that is trained; biases and the float head
-are trained too. The loss distils the FP32 graph (the teacher, on onnxruntime): KL divergence of the cluster
-probabilities plus the embedding's relative squared error. The trained float weights are then written into the FP32
-graph (`FakeQuantGraph.write`), and that graph is quantized by the usual rule, its gate still measured against the
-*original* FP32 graph: the served FP32 file, and so the model's accuracy, are not changed.
+output channel (symmetric int8, onnxruntime's rule) from a float copy that is trained, with its bias; the nodes
+that stay float (the head) keep their weights. The loss distils the FP32 graph (the teacher, on onnxruntime): KL
+divergence of the cluster probabilities plus the embedding's relative squared error. The trained float weights are
+then written into the FP32 graph (`FakeQuantGraph.write`), and that graph is quantized by the usual rule (a Conv it
+keeps float takes its FP32 weights back), its gate still measured against the *original* FP32 graph: the served
+FP32 file, and so the model's accuracy, are not changed.
 
 No labels anywhere: the images are training images, the targets the FP32 graph's own outputs.
 """
@@ -98,25 +99,25 @@ class FakeQuantGraph(torch.nn.Module):
         self._quantized_weight: set[str] = set()
         self._buffers_by_name: dict[str, torch.Tensor] = {}
 
-        def trainable(name: str) -> str:
+        def parameter(name: str, train: bool) -> str:
             if name not in self._param_key:
                 key = f"p{len(self._param_key)}"
-                self.params[key] = torch.nn.Parameter(torch.from_numpy(float_init[name].astype(np.float32)))
+                value = torch.from_numpy(float_init[name].astype(np.float32))
+                self.params[key] = torch.nn.Parameter(value, requires_grad=train)
                 self._param_key[name] = key
             return self._param_key[name]
 
         for node in self.nodes:
             if node.op_type in {"Conv", "Gemm"}:
                 original = float_nodes[node.name]
+                source = producer.get(node.input[1])
+                if source is not None and source.op_type == "DequantizeLinear" and source.input[0] in constants:
+                    self._quantized_weight.add(node.name)
+                # Only the quantized Convs learn: a node that stays float (the head) keeps the FP32 function, so a
+                # graph kept all float is the FP32 graph again.
+                train = node.name in self._quantized_weight
                 names: list[str | None] = [node.input[0]]
-                for position in (1, 2):
-                    if position >= len(node.input) or not node.input[position]:
-                        continue
-                    source = producer.get(node.input[position])
-                    quantized = source is not None and source.op_type == "DequantizeLinear"
-                    if position == 1 and quantized and source.input[0] in constants:
-                        self._quantized_weight.add(node.name)
-                    names.append(f"param:{trainable(original.input[position])}")
+                names += [f"param:{parameter(n, train)}" for n in original.input[1:3] if n]
                 self._inputs[node.name] = names
         for name, value in constants.items():
             self._buffers_by_name[name] = torch.from_numpy(np.array(value))
@@ -346,7 +347,7 @@ def distill(
     before = loss_of.probe(student, images, batch)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = settings.epochs * (len(images) // batch)
-    optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=settings.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     recent: list[float] = []
     done = 0
