@@ -113,8 +113,7 @@ class FakeQuantGraph(torch.nn.Module):
                 source = producer.get(node.input[1])
                 if source is not None and source.op_type == "DequantizeLinear" and source.input[0] in constants:
                     self._quantized_weight.add(node.name)
-                # Only the quantized Convs learn: a node that stays float (the head) keeps the FP32 function, so a
-                # graph kept all float is the FP32 graph again.
+                # Only the quantized Convs learn: a node that stays float (the head) keeps the FP32 function.
                 train = node.name in self._quantized_weight
                 names: list[str | None] = [node.input[0]]
                 names += [f"param:{parameter(n, train)}" for n in original.input[1:3] if n]
@@ -271,9 +270,9 @@ class FakeQuantGraph(torch.nn.Module):
 @dataclass
 class FineTune:
     """Quantisation-aware fine-tuning settings: training images (uint8 NHWC, label-free) and the schedule. Adam's
-    step is about `lr` per weight whatever the weight's size, and the folded pointwise weights are ~1e-3: on
-    cifar10-lite0, 3e-5 raised the loss within 250 steps and 1e-5 jumped after 275 of 1,000 steps (8,000 images),
-    while 1e-5 over 500 steps (4,000 images) fell smoothly; 5e-6 is the default."""
+    step is about `lr` per weight whatever the weight's size, and the folded pointwise weights are ~1e-3: in trial
+    runs on cifar10-lite0, 3e-5 raised the loss and 1e-5 jumped part-way through 1,000 steps, while 5e-6 fell
+    smoothly (benchmarks/int8_fine_tune.py)."""
 
     images: np.ndarray
     epochs: int = 4

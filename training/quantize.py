@@ -287,8 +287,8 @@ class Quantizer:
     # learnt its biases, so it is quantized without.
     bias_correction: bool = True
     # A graph with the same Conv names whose weights and biases the Convs kept float take: a fine-tuned graph's own
-    # weights were trained to absorb a rounding that a float Conv does not do (measured on cifar10-lite0: keeping
-    # more of the fine-tuned graph float *lowered* its agreement with FP32, from .979 all-INT8 to .943 all-float).
+    # weights were trained to absorb a rounding that a float Conv does not do (in a trial run on cifar10-lite0,
+    # keeping more of the fine-tuned graph float *lowered* its agreement with FP32).
     float_weights: Path | None = None
 
     def __post_init__(self) -> None:
