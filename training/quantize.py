@@ -46,7 +46,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from training.qat import DistillReport, FineTune
+from training.qat import DistillReport, FakeQuantGraph, FineTune, distill
 
 log = logging.getLogger("deepclust.quantize")
 
@@ -310,12 +310,10 @@ class Quantizer:
         if self.bias_correction:
             first = self.workdir / "calibration-0.json"
             everything = self.workdir / "all-0.onnx"
-            if self.ranges is not None:
-                shutil.copyfile(self.ranges, first)
             self._quantize(self.prepared, everything, first, set())
             self.corrected_bias = bias_corrections(self.prepared, everything, self.calibration)
         self.corrected = self.workdir / "corrected.onnx"
-        self._write_biases(self.corrected, set())
+        self._write_graph(self.corrected, set())
         self.cache = self.workdir / "calibration.json"
         if self.ranges is not None:
             shutil.copyfile(self.ranges, self.cache)
@@ -326,9 +324,9 @@ class Quantizer:
             **self.macs,
         }
 
-    def _write_biases(self, out: Path, float_nodes: set[str]) -> None:
-        """The prepared graph with corrected biases on the quantized Convs (float ones keep theirs), and the float
-        Convs' weights and biases from `float_weights` when it is given."""
+    def _write_graph(self, out: Path, float_nodes: set[str]) -> None:
+        """The graph to quantize: the prepared graph with corrected biases on the quantized Convs (float ones keep
+        theirs), and the float Convs' weights and biases from `float_weights` when it is given."""
         proto = onnx.load(str(self.prepared))
         init = {i.name: i for i in proto.graph.initializer}
         for node in proto.graph.node:
@@ -376,7 +374,7 @@ class Quantizer:
         """The INT8 graph with `float_nodes` kept in float (the rest quantized, bias-corrected)."""
         float_nodes = set(float_nodes)
         model = self.workdir / "biases.onnx"
-        self._write_biases(model, float_nodes)
+        self._write_graph(model, float_nodes)
         self._quantize(model, out, self.cache, float_nodes)
         return out
 
@@ -608,8 +606,6 @@ def fine_tuned(
     under its all-INT8 graph's simulated arithmetic, to give `teacher`'s outputs on `settings.images`. Returns a
     Quantizer of the trained graph that keeps the ranges it was trained under, adds no bias correction and gives
     the Convs it keeps float their original weights."""
-    from training.qat import FakeQuantGraph, distill
-
     float_graph = onnx.load(str(quantizer.corrected))
     student = FakeQuantGraph(onnx.load(str(quantizer.workdir / "all.onnx")), float_graph)
     names = [o.name for o in teacher.get_outputs() if o.name in {PROBABILITIES, EMBEDDING}]
