@@ -123,6 +123,11 @@ class FakeQuantGraph(torch.nn.Module):
         for node in self.nodes:  # quantized constants read by other operators (a Conv reads its float copy)
             if node.op_type == "DequantizeLinear" and node.input[0] in constants:
                 self._buffers_by_name[node.output[0]] = torch.from_numpy(_dequantize(node, constants))
+        # Read once here, not on every training step: each node's attributes, each QuantizeLinear's integer range.
+        self._attributes = [_attributes(node) for node in self.nodes]
+        self._int_range = {
+            n.name: _range(constants[n.input[2]].dtype) for n in self.nodes if n.op_type == "QuantizeLinear"
+        }
 
     def _value(self, name: str, env: dict[str, torch.Tensor]) -> torch.Tensor:
         if name.startswith("param:"):
@@ -132,17 +137,17 @@ class FakeQuantGraph(torch.nn.Module):
         return self._buffers_by_name[name]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All tensors of the graph by name (probabilities, embedding, and the Softmax input as `logits`)."""
+        """All tensors of the graph by name (`probabilities` and `embedding` among them)."""
         env: dict[str, torch.Tensor] = {self.input_name: images}
-        for node in self.nodes:
-            op, attrs = node.op_type, _attributes(node)
+        for node, attrs in zip(self.nodes, self._attributes, strict=True):
+            op = node.op_type
             if op == "DequantizeLinear":
                 if node.input[0] in env:  # an activation: its QuantizeLinear already gave the dequantized value
                     env[node.output[0]] = env[node.input[0]]
                 continue  # a weight or bias: the Conv reads its trainable float copy
             if op == "QuantizeLinear":
                 scale, zero = self._buffers_by_name[node.input[1]], self._buffers_by_name[node.input[2]]
-                low, high = _range(zero.numpy().dtype)
+                low, high = self._int_range[node.name]
                 env[node.output[0]] = fake_quantize(env[node.input[0]], scale.float(), zero.float(), low, high)
                 continue
             if op in {"Conv", "Gemm"}:
@@ -175,8 +180,6 @@ class FakeQuantGraph(torch.nn.Module):
             result = self._run(op, attrs, args)
             for name, value in zip(node.output, result if isinstance(result, tuple) else (result,), strict=True):
                 env[name] = value
-            if op == "Softmax":
-                env["logits"] = args[0]
         return env
 
     @staticmethod
