@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             summary = requantize(copy, threads=args.threads, fine_tune_images=args.images, fine_tune_epochs=args.epochs)
             row["gate"] = {"written": True, "agreement_vs_fp32": summary["agreement_vs_fp32"], "n": summary["n"]}
-            record = ModelCard.load(copy).model_extra["int8_selection"]
+            record = summary  # requantize's summary carries the selection record the card was given
         except ExportError as refusal:  # the gate refused the graph: that is a result too
             row["gate"] = {"written": False, "refusal": str(refusal)}
             record = {}
