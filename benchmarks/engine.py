@@ -252,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         help="an INT8 graph that is not in the store (e.g. one the export gate refused), measured as the first "
         "model's INT8 row and labelled as such",
     )
+    parser.add_argument(
+        "--fp32-baseline",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier FP32 files of the models, in the order of --models (e.g. from before a change of the export's "
+        "graph), each measured beside its model's current one and labelled as such",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -272,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if position == 0 and args.int8_candidate is not None:
             files["ort_int8"] = _with_store_metadata(args.int8_candidate, files["ort_fp32"])
             notes["ort_int8"] = f"candidate {args.int8_candidate.name}, not in the store"
+        if position < len(args.fp32_baseline):
+            files["ort_fp32_baseline"] = args.fp32_baseline[position]
+            notes["ort_fp32_baseline"] = f"baseline {args.fp32_baseline[position]}"
         meta = _metadata(files["ort_fp32"])
         metrics = json.loads(meta["metrics"])
         size = int(meta["input_size"])
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, f in runners.items()
         }  # fmt: skip
         gflop = graph_gflops(files["ort_fp32"])
-        shares = {"ort_fp32": 0.0, "torch_eager": 0.0}
+        shares = {"ort_fp32": 0.0, "ort_fp32_baseline": 0.0, "torch_eager": 0.0}
         if "ort_int8" in runners:
             shares["ort_int8"] = int8_share(files["ort_int8"])
         entry = card.files.get("model.int8.onnx")

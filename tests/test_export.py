@@ -27,9 +27,12 @@ from training.export import (
     export_checkpoint,
     measure_fp16,
     require_parity,
+    run_onnx,
+    session,
     uint8_images,
 )
 from training.quantize import fold_pads, quantize_int8
+from training.requantize import refresh_graphs
 from training.trainer import Trainer, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,6 +231,54 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
     out = ort.InferenceSession(str(int8)).run(None, {"images": images[48:]})[0]
     error = np.linalg.norm(out - reference[48:]) / np.linalg.norm(reference[48:])
     assert error < 0.05, error  # 0.094 with the old recipe's shifted pads
+
+
+def _run_time_pads(path: Path) -> list[str]:
+    """The Pad nodes whose amounts the graph computes at run time (not constants)."""
+    proto = onnx.load(str(path))
+    constants = {i.name for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "Pad" and n.input[1] not in constants]
+
+
+def test_export_folds_run_time_pads_and_refresh_brings_an_older_file_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TF-"SAME" backbone (EfficientNet-Lite0): the exported FP32 graph has its pad amounts as constants, which
+    onnxruntime fuses into the Convs (on cifar10-lite0 the separate Pad and layout passes took 31 % of the FP32
+    time). `refresh_graphs` brings a file exported before this change (pads computed at run time) to the same graph
+    without retraining: identical outputs, the FP16 variant rebuilt, the card's checksums updated; a second call
+    changes nothing."""
+    config = load_config(
+        REPO / "configs" / "digits_cc_tiny.yaml",
+        [f"run.out_dir={tmp_path}", "optim.epochs=1", "run.max_steps_per_epoch=1", "optim.batch_size=32"]
+        + ["model.backbone=effnet_lite0", "data.image_size=32"],
+    )
+    trainer = Trainer(config)
+    trainer.fit()
+    export_checkpoint(trainer.run_dir, tmp_path / "now", variants=("fp16",), parity_images=64)
+    assert not _run_time_pads(tmp_path / "now" / "model.onnx")
+
+    import training.export as export_module
+
+    monkeypatch.setattr(export_module, "fold_pads", lambda *args: 0)  # the export as it was before
+    older = tmp_path / "older"
+    export_checkpoint(trainer.run_dir, older, variants=("fp16",), parity_images=64)
+    assert _run_time_pads(older / "model.onnx")
+    images = uint8_images(create_dataset("digits", "test"), 32, np.arange(64))
+    before = run_onnx(session(older / "model.onnx"), images)
+
+    summary = refresh_graphs(older)
+    assert summary["pads_folded"] > 0 and not _run_time_pads(older / "model.onnx")
+    after = run_onnx(session(older / "model.onnx"), images)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    card = ModelCard.load(older)
+    assert set(card.files) == {"model.onnx", "model.fp16.onnx"}
+    for name in card.files:
+        card.verify_file(older / name)
+    assert card.fp16_gate["agreement_vs_fp32"] >= FP16_MIN_AGREEMENT
+    assert not _run_time_pads(older / "model.fp16.onnx")
+    assert refresh_graphs(older) == {"model": "older", "pads_folded": 0}
 
 
 def test_int8_variant_passes_the_gate_and_records_it(trained_run: Path, tmp_path: Path) -> None:

@@ -104,13 +104,17 @@ def intermediate_session(proto: onnx.ModelProto, names: list[str]) -> ort.Infere
     return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def fold_pads(src: Path, dst: Path, sample: np.ndarray) -> None:
+def fold_pads(src: Path, dst: Path, sample: np.ndarray) -> int:
     """Turn run-time computed Pad amounts (TF-"SAME" padding of the tf_* backbones) into constants when the input's
-    spatial size is static; onnxruntime then fuses each Pad into its Conv instead of padding in float between Q/DQ."""
+    spatial size is static; onnxruntime then fuses each Pad into its Conv instead of padding in a pass of its own (in
+    float between Q/DQ, in the INT8 graph). Returns how many Pad amounts were folded (0: the graph is unchanged)."""
     proto = onnx.load(str(src))
     initializers = {i.name for i in proto.graph.initializer}
     pads = sorted({n.input[1] for n in proto.graph.node if n.op_type == "Pad" and n.input[1] not in initializers})
-    if pads and all(d.HasField("dim_value") for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]):
+    static = all(d.HasField("dim_value") for d in proto.graph.input[0].type.tensor_type.shape.dim[1:])
+    if not (pads and static):
+        pads = []
+    if pads:
         values = intermediate_session(proto, pads).run(pads, {proto.graph.input[0].name: sample})
         proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, p) for p, v in zip(pads, values, strict=True))
         needed, keep = {o.name for o in proto.graph.output}, []
@@ -124,6 +128,7 @@ def fold_pads(src: Path, dst: Path, sample: np.ndarray) -> None:
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(used)
     onnx.save(proto, str(dst))
+    return len(pads)
 
 
 def scalar_constants(path: Path) -> int:
@@ -607,7 +612,9 @@ def fine_tuned(
     Quantizer of the trained graph that keeps the ranges it was trained under, adds no bias correction and gives
     the Convs it keeps float their original weights."""
     float_graph = onnx.load(str(quantizer.corrected))
-    student = FakeQuantGraph(onnx.load(str(quantizer.workdir / "all.onnx")), float_graph)
+    student = FakeQuantGraph(
+        onnx.load(str(quantizer.workdir / "all.onnx")), float_graph, learn_ranges=settings.learn_ranges
+    )
     names = [o.name for o in teacher.get_outputs() if o.name in {PROBABILITIES, EMBEDDING}]
     outputs = [
         dict(zip(names, teacher.run(names, {quantizer.input_name: settings.images[i : i + 64]}), strict=True))
@@ -619,15 +626,28 @@ def fine_tuned(
     workdir.mkdir(exist_ok=True)
     trained = workdir / "fine-tuned.onnx"
     onnx.save(student.write(float_graph), str(trained))
+    ranges = quantizer.cache
+    if settings.learn_ranges:
+        ranges = with_ranges(quantizer.cache, student.learned_ranges(), workdir / "learned-ranges.json")
     fine = Quantizer(
         trained,
         quantizer.calibration,
         workdir,
-        ranges=quantizer.cache,
+        ranges=ranges,
         bias_correction=False,
         float_weights=quantizer.prepared,
     )
     return fine, report
+
+
+def with_ranges(cache: Path, ranges: dict[str, tuple[float, float]], out: Path) -> Path:
+    """A copy of an onnxruntime calibration cache with the given tensors' ranges replaced (learned ranges)."""
+    content = json.loads(cache.read_text())
+    for name, (lowest, highest) in ranges.items():
+        entry = content["data"][name]
+        entry["lowest"]["data"], entry["highest"]["data"] = [lowest], [highest]
+    out.write_text(json.dumps(content))
+    return out
 
 
 @dataclass

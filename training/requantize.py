@@ -1,9 +1,11 @@
-"""Re-quantize a store model's INT8 file from its FP32 file: `python -m training.requantize model_store/<name>`.
+"""Rebuild a store model's files from its FP32 file: `python -m training.requantize model_store/<name>`.
 
-The export's own image choice (seed 0: calibration and held-out images from the training split), its sensitivity
-rule (`training.quantize`) and its 99 % gate on the whole evaluation split named in the file's metadata; the card's
-INT8 entry is updated, the FP32 file is not touched. A module of its own so that `training.quantize` (which the
-export calls) does not import the export back.
+First the FP32 graph is brought to what the export writes now (`refresh_graphs`: run-time pads folded, outputs
+checked identical, the FP16 variant rebuilt from it with the export's gate), so a store model need not be retrained
+for a change of the export's graph. Then the INT8 file (unless `--no-int8`): the export's own image choice (seed 0:
+calibration and held-out images from the training split), its sensitivity rule (`training.quantize`) and its 99 %
+gate on the whole evaluation split named in the file's metadata. The card's entries are updated. A module of its
+own so that `training.quantize` (which the export calls) does not import the export back.
 """
 
 from __future__ import annotations
@@ -19,16 +21,72 @@ import onnx
 from training.export import (
     INT8_MIN_AGREEMENT,
     INT8_SELECTION_MARGIN,
+    PARITY_MAX_ABS,
+    ExportError,
+    build_fp16,
     int8_metadata,
     int8_training_images,
     require_int8_gate,
+    run_onnx,
+    session,
     uint8_images,
     write_metadata,
 )
 from training.qat import FineTune
-from training.quantize import _session, agreement, probabilities, quantize_int8
+from training.quantize import _session, agreement, fold_pads, probabilities, quantize_int8
 
 log = logging.getLogger("deepclust.quantize")
+
+
+FP16_CHECK_IMAGES = 1000  # the export's parity_images: its FP16 gate runs on these
+
+
+def _store_facts(folder: Path) -> tuple[dict[str, str], dict[str, object], int]:
+    """The FP32 file's metadata (without its precision), its metrics and its input size."""
+    props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
+    props.pop("precision", None)
+    return props, json.loads(props["metrics"]), int(props["input_size"])
+
+
+def refresh_graphs(folder: Path) -> dict[str, object]:
+    """Bring `folder/model.onnx` to the export's current graph: its run-time pads folded to constants (as
+    `export_graph` does). The folded graph must give the same outputs as the file on the export's parity images
+    (`ExportError` otherwise); the FP16 variant, if any, is rebuilt from it with the export's gate; the card's
+    entries are updated. Nothing changes when there is nothing to fold."""
+    from serving.core.contract import ModelCard
+    from training.data.datasets import create_dataset
+
+    fp32 = folder / "model.onnx"
+    props, metrics, size = _store_facts(folder)
+    eval_set = create_dataset(metrics["dataset"], metrics["split"])
+    rng = np.random.default_rng(0)  # the export's draw: its first images are its parity images
+    index = np.sort(rng.choice(len(eval_set), size=len(eval_set), replace=False))[:FP16_CHECK_IMAGES]
+    images = uint8_images(eval_set, size, index)
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / "model.onnx"
+        count = fold_pads(fp32, folded, images[:1])
+        if not count:
+            return {"model": folder.name, "pads_folded": 0}
+        before, after = run_onnx(session(fp32), images), run_onnx(session(folded), images)
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
+        if difference > PARITY_MAX_ABS or not (before[0].argmax(1) == after[0].argmax(1)).all():
+            raise ExportError(f"{fp32}: folding its pads changed its outputs (max |diff| {difference:.2e})")
+        onnx.checker.check_model(str(folded), full_check=True)
+        card = ModelCard.load(folder)
+        outputs = {"model.onnx": ("fp32", None)}
+        fp16_gate = None
+        if (folder / "model.fp16.onnx").exists():
+            gate = build_fp16(folded, Path(tmp) / "model.fp16.onnx", props, images, before[0])
+            fp16_gate = gate.record()
+            outputs["model.fp16.onnx"] = ("fp16", gate.served_agreement)
+            card.fp16_gate = fp16_gate
+        for name, (precision, agreement_vs_fp32) in outputs.items():
+            (folder / name).write_bytes((Path(tmp) / name).read_bytes())
+            card.add_file(folder / name, precision, agreement_vs_fp32)
+    card.save(folder / "model.json")
+    summary = {"model": folder.name, "pads_folded": count, "max_abs_diff": difference, "fp16_gate": fp16_gate}
+    log.info(json.dumps({"event": "graphs_refreshed", **summary}))
+    return summary
 
 
 def requantize(
@@ -50,9 +108,7 @@ def requantize(
     from training.data.datasets import create_dataset
 
     fp32 = folder / "model.onnx"
-    props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(fp32)).metadata_props}
-    props.pop("precision", None)
-    metrics, size = json.loads(props["metrics"]), int(props["input_size"])
+    props, metrics, size = _store_facts(folder)
     eval_set = create_dataset(metrics["dataset"], metrics["split"])
     rng = np.random.default_rng(0)  # the same draws as `export_checkpoint` with the whole evaluation split
     n_eval = len(eval_set) if eval_limit is None else min(eval_limit, len(eval_set))
@@ -104,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         "--fine-tune-images", type=int, default=0, help="quantisation-aware fine-tuning on this many training images"
     )
     parser.add_argument("--fine-tune-epochs", type=int, default=FineTune.epochs)
+    parser.add_argument("--no-int8", action="store_true", help="refresh the FP32 and FP16 graphs only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for folder in args.folders:
+        print(json.dumps(refresh_graphs(folder)), flush=True)
+        if args.no_int8:
+            continue
         summary = requantize(
             folder,
             train_split=args.train_split,
