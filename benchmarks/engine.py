@@ -44,7 +44,7 @@ def _graph_for_counting(path: Path):
 
     import onnx
 
-    from training.quantize import fold_pads
+    from training.onnx_graph import fold_pads
 
     model = onnx.load(str(path))
     for dim in model.graph.input[0].type.tensor_type.shape.dim[:1]:

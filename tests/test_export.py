@@ -31,7 +31,8 @@ from training.export import (
     session,
     uint8_images,
 )
-from training.quantize import fold_pads, quantize_int8
+from training.onnx_graph import fold_pads
+from training.quantize import quantize_int8
 from training.requantize import refresh_graphs
 from training.trainer import Trainer, load_checkpoint
 

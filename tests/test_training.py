@@ -230,6 +230,7 @@ def test_frozen_pass_on_onnxruntime_matches_torch_and_says_which_engine_ran(capl
     """CPU passes run the backbone on onnxruntime (1.35-1.6x torch eager here); the features must be torch's to
     float rounding, for a clean and an augmented (batched, seeded) view alike."""
     import logging
+    import re
 
     from training.data.views import eval_transform
     from training.features import embed
@@ -254,6 +255,8 @@ def test_frozen_pass_on_onnxruntime_matches_torch_and_says_which_engine_ran(capl
                     engine=engine,
                 )
             assert ("feature pass on onnxruntime" in caplog.text) == (engine == "onnxruntime")
+            if engine == "onnxruntime":  # Lite0's TF-"SAME" pads: constants the Convs absorb, not a pass apart
+                assert re.search(r"; [1-9]\d* pad amounts folded;", caplog.text), caplog.text
         scale = np.abs(runs["torch"]).max()
         assert np.abs(runs["onnxruntime"] - runs["torch"]).max() <= 1e-4 * max(1.0, scale)
         assert runs["torch"].std(0).mean() > 1e-3  # real, varied features, not zeros

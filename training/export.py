@@ -38,8 +38,9 @@ from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
 from training.models.heads import ClusteringModel
+from training.onnx_graph import fold_pads
 from training.qat import FineTune
-from training.quantize import fold_pads, quantize_int8
+from training.quantize import quantize_int8
 
 log = logging.getLogger("deepclust.export")
 

@@ -95,10 +95,16 @@ def onnx_forward(backbone: torch.nn.Module, example: torch.Tensor) -> Callable[[
     except Exception as error:  # noqa: BLE001 - any export failure means "use torch", said in the log
         log.warning("feature pass on torch: the backbone does not export to ONNX (%s)", error)
         return None
+    import onnx
+
+    from training.onnx_graph import fold_pad_amounts
+
+    graph = onnx.load_from_string(buffer.getvalue())
+    folded = fold_pad_amounts(graph, example[:1].numpy())  # TF-"SAME" pads fused into the Convs, not a pass apart
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def forward(images: torch.Tensor) -> np.ndarray:
         return session.run(None, {"images": images.contiguous().numpy()})[0]
@@ -109,7 +115,10 @@ def onnx_forward(backbone: torch.nn.Module, example: torch.Tensor) -> Callable[[
         log.warning("feature pass on torch: onnxruntime differs from torch by %.2e (relative)", error)
         return None
     log.info(
-        "feature pass on onnxruntime (%d threads; relative difference to torch %.1e)", torch.get_num_threads(), error
+        "feature pass on onnxruntime (%d threads; %d pad amounts folded; relative difference to torch %.1e)",
+        torch.get_num_threads(),
+        folded,
+        error,
     )
     return forward
 

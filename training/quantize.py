@@ -46,6 +46,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from training.onnx_graph import fold_pads, intermediate_session
 from training.qat import DistillReport, FakeQuantGraph, FineTune, distill
 
 log = logging.getLogger("deepclust.quantize")
@@ -94,41 +95,6 @@ def shape_nodes(graph: onnx.GraphProto) -> list[str]:
         else:
             found.append(node.name)
     return found
-
-
-def intermediate_session(proto: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A session over a copy of `proto` that also outputs the named intermediate tensors."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-def fold_pads(src: Path, dst: Path, sample: np.ndarray) -> int:
-    """Turn run-time computed Pad amounts (TF-"SAME" padding of the tf_* backbones) into constants when the input's
-    spatial size is static; onnxruntime then fuses each Pad into its Conv instead of padding in a pass of its own (in
-    float between Q/DQ, in the INT8 graph). Returns how many Pad amounts were folded (0: the graph is unchanged)."""
-    proto = onnx.load(str(src))
-    initializers = {i.name for i in proto.graph.initializer}
-    pads = sorted({n.input[1] for n in proto.graph.node if n.op_type == "Pad" and n.input[1] not in initializers})
-    static = all(d.HasField("dim_value") for d in proto.graph.input[0].type.tensor_type.shape.dim[1:])
-    if not (pads and static):
-        pads = []
-    if pads:
-        values = intermediate_session(proto, pads).run(pads, {proto.graph.input[0].name: sample})
-        proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, p) for p, v in zip(pads, values, strict=True))
-        needed, keep = {o.name for o in proto.graph.output}, []
-        for node in reversed(proto.graph.node):  # drop the arithmetic that computed them
-            if any(o in needed and o not in pads for o in node.output):
-                keep.append(node)
-                needed.update(node.input)
-        del proto.graph.node[:]
-        proto.graph.node.extend(reversed(keep))
-        used = [i for i in proto.graph.initializer if i.name in needed]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(used)
-    onnx.save(proto, str(dst))
-    return len(pads)
 
 
 def scalar_constants(path: Path) -> int:

@@ -32,8 +32,9 @@ from training.export import (
     uint8_images,
     write_metadata,
 )
+from training.onnx_graph import fold_pads
 from training.qat import FineTune
-from training.quantize import _session, agreement, fold_pads, probabilities, quantize_int8
+from training.quantize import _session, agreement, probabilities, quantize_int8
 
 log = logging.getLogger("deepclust.quantize")
 
