@@ -50,18 +50,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low:
     return torch.where(inside, x + (quantized - x).detach(), quantized.detach())
 
 
-def fake_quantize_learned(
-    x: torch.Tensor, log_scale: torch.Tensor, zero: torch.Tensor, low: int, high: int
-) -> torch.Tensor:
-    """`fake_quantize` with a trainable scale (LSQ, Esser et al. 2020): the rounding is straight-through, so the
-    scale's gradient is round(x/s) - x/s inside the range and the clipped level outside it: a wider range costs
-    resolution, a narrower one clips. The scale is kept positive as exp(log_scale)."""
-    scale = log_scale.exp()
-    scaled = x / scale
-    level = scaled + (torch.round(scaled) - scaled).detach() + zero
-    return (torch.clamp(level, low, high) - zero) * scale
-
-
 def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """Per-output-channel symmetric int8, the scale taken from the current weights as onnxruntime will."""
     absmax = weight.detach().abs().amax(dim=tuple(range(1, weight.ndim)), keepdim=True).clamp_min(1e-12)
@@ -94,7 +82,7 @@ class FakeQuantGraph(torch.nn.Module):
     from `float_graph` (the graph `qdq` was quantized from: same node names). Supports the operators of the served
     graphs (Conv, residual Add, global mean, Gemm head, Softmax, and the pre-processing's Transpose/Cast/Sub/Div)."""
 
-    def __init__(self, qdq: onnx.ModelProto, float_graph: onnx.ModelProto, learn_ranges: bool = False) -> None:
+    def __init__(self, qdq: onnx.ModelProto, float_graph: onnx.ModelProto) -> None:
         super().__init__()
         self.nodes = list(qdq.graph.node)
         unknown = sorted({n.op_type for n in self.nodes} - SUPPORTED_OPS)
@@ -140,20 +128,6 @@ class FakeQuantGraph(torch.nn.Module):
         self._int_range = {
             n.name: _range(constants[n.input[2]].dtype) for n in self.nodes if n.op_type == "QuantizeLinear"
         }
-        # Learned activation ranges: the scale of every activation a trained layer computes (a Conv, a residual
-        # Add); the graph input's quantizer (exact for uint8 pixels) and the zero points stay as calibrated.
-        self.scales = torch.nn.ParameterDict()
-        self._scale_key: dict[str, str] = {}  # QuantizeLinear name -> parameter key
-        self._quantized_tensor: dict[str, str] = {}  # QuantizeLinear name -> the float tensor it quantizes
-        for node in self.nodes:
-            source = producer.get(node.input[0])
-            computed = source is not None and source.op_type in {"Conv", "Add"}
-            if learn_ranges and node.op_type == "QuantizeLinear" and computed:
-                key = f"s{len(self._scale_key)}"
-                value = torch.log(torch.tensor(float(constants[node.input[1]]), dtype=torch.float32))
-                self.scales[key] = torch.nn.Parameter(value)
-                self._scale_key[node.name] = key
-                self._quantized_tensor[node.name] = node.input[0]
 
     def _value(self, name: str, env: dict[str, torch.Tensor]) -> torch.Tensor:
         if name.startswith("param:"):
@@ -174,11 +148,7 @@ class FakeQuantGraph(torch.nn.Module):
             if op == "QuantizeLinear":
                 scale, zero = self._buffers_by_name[node.input[1]], self._buffers_by_name[node.input[2]]
                 low, high = self._int_range[node.name]
-                if node.name in self._scale_key:
-                    log_scale = self.scales[self._scale_key[node.name]]
-                    env[node.output[0]] = fake_quantize_learned(env[node.input[0]], log_scale, zero.float(), low, high)
-                else:
-                    env[node.output[0]] = fake_quantize(env[node.input[0]], scale.float(), zero.float(), low, high)
+                env[node.output[0]] = fake_quantize(env[node.input[0]], scale.float(), zero.float(), low, high)
                 continue
             if op in {"Conv", "Gemm"}:
                 x, *weights = (self._value(n, env) for n in self._inputs[node.name])
@@ -289,18 +259,6 @@ class FakeQuantGraph(torch.nn.Module):
             )
         raise NotImplementedError(f"quantisation-aware fine-tuning does not know the operator {op}")
 
-    def learned_ranges(self) -> dict[str, tuple[float, float]]:
-        """The learned activation ranges, float tensor name -> (lowest, highest), as a calibration gives them: the
-        quantizer derives the learned scale and the calibrated zero point back from them."""
-        ranges = {}
-        for node in self.nodes:
-            if node.name in self._scale_key:
-                scale = float(self.scales[self._scale_key[node.name]].detach().exp())
-                zero = float(self._buffers_by_name[node.input[2]])
-                low, high = self._int_range[node.name]
-                ranges[self._quantized_tensor[node.name]] = ((low - zero) * scale, (high - zero) * scale)
-        return ranges
-
     def write(self, float_graph: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of `float_graph` with the trained weights."""
         out = onnx.ModelProto()
@@ -324,10 +282,6 @@ class FineTune:
     lr: float = 5e-6
     batch: int = 32
     seed: int = 0
-    # Learned activation ranges (`fake_quantize_learned`): their scales train too, at `range_lr` on log(scale)
-    # (about that relative change per step).
-    learn_ranges: bool = False
-    range_lr: float = 1e-3
 
 
 @dataclass
@@ -395,10 +349,7 @@ def distill(
     before = loss_of.probe(student, images, batch)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = settings.epochs * (len(images) // batch)
-    groups = [{"params": [p for p in student.params.values() if p.requires_grad], "lr": settings.lr}]
-    if len(student.scales):
-        groups.append({"params": list(student.scales.values()), "lr": settings.range_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=settings.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     recent: list[float] = []
     done = 0

@@ -578,9 +578,7 @@ def fine_tuned(
     Quantizer of the trained graph that keeps the ranges it was trained under, adds no bias correction and gives
     the Convs it keeps float their original weights."""
     float_graph = onnx.load(str(quantizer.corrected))
-    student = FakeQuantGraph(
-        onnx.load(str(quantizer.workdir / "all.onnx")), float_graph, learn_ranges=settings.learn_ranges
-    )
+    student = FakeQuantGraph(onnx.load(str(quantizer.workdir / "all.onnx")), float_graph)
     names = [o.name for o in teacher.get_outputs() if o.name in {PROBABILITIES, EMBEDDING}]
     outputs = [
         dict(zip(names, teacher.run(names, {quantizer.input_name: settings.images[i : i + 64]}), strict=True))
@@ -592,28 +590,15 @@ def fine_tuned(
     workdir.mkdir(exist_ok=True)
     trained = workdir / "fine-tuned.onnx"
     onnx.save(student.write(float_graph), str(trained))
-    ranges = quantizer.cache
-    if settings.learn_ranges:
-        ranges = with_ranges(quantizer.cache, student.learned_ranges(), workdir / "learned-ranges.json")
     fine = Quantizer(
         trained,
         quantizer.calibration,
         workdir,
-        ranges=ranges,
+        ranges=quantizer.cache,
         bias_correction=False,
         float_weights=quantizer.prepared,
     )
     return fine, report
-
-
-def with_ranges(cache: Path, ranges: dict[str, tuple[float, float]], out: Path) -> Path:
-    """A copy of an onnxruntime calibration cache with the given tensors' ranges replaced (learned ranges)."""
-    content = json.loads(cache.read_text())
-    for name, (lowest, highest) in ranges.items():
-        entry = content["data"][name]
-        entry["lowest"]["data"], entry["highest"]["data"] = [lowest], [highest]
-    out.write_text(json.dumps(content))
-    return out
 
 
 @dataclass
