@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         help="earlier FP32 files of the models, in the order of --models (e.g. from before a change of the export's "
         "graph), each measured beside its model's current one and labelled as such",
     )
+    parser.add_argument("--out", default="engine", help="results file: benchmarks/results/<out>.json")
     args = parser.parse_args(argv)
 
     import torch
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             load=load,
         )
-    write_rows("engine", rows)
+    write_rows(args.out, rows)
     print_table(
         rows,
         ["model", "runtime", "batch", "images_per_s", "vs_fp32", "agreement_vs_fp32", "gflops_per_s",
