@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--backend", choices=["torchserve", "engine"], help="default: as `deepclust serve`")
+    parser.add_argument("--out", default="store", help="results file: benchmarks/results/<out>.json")
     args = parser.parse_args(argv)
     command = "python benchmarks/store.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {**(previous.models if previous else {}), **measured}
     record = StoreThroughput(machine=info["machine"], command=command, commit=info.get("commit"), models=models)
     (args.store / THROUGHPUT_FILE).write_text(json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
-    write_rows("store", rows, merge_on=("model", "backend", "variant"))
+    write_rows(args.out, rows, merge_on=("model", "backend", "variant"))
     columns = ["model", "backbone", "acc", "service_img_per_s", "cpu_bound_img_per_s", "load_average_1m", "errors"]
     print_table(rows, columns)
     chosen = default_model_name(args.store)
