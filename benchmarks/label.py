@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+from benchmarks.common import TAR_FILTER, print_table, provenance, write_rows  # noqa: E402
 
 
 def cifar_test_dir() -> Path:
@@ -42,7 +42,7 @@ def cifar_test_dir() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".test-", dir=cache))
     try:
         with tarfile.open(data / "cifar10" / "test.tar") as tar:
-            tar.extractall(staging, filter="data")
+            tar.extractall(staging, **TAR_FILTER)
         if not (cache / "test").exists():
             (staging / "test").rename(cache / "test")
         (cache / ".test.complete").touch()

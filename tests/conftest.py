@@ -23,6 +23,8 @@ import hypothesis
 import numpy as np
 import pytest
 
+from benchmarks.common import TAR_FILTER
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Property tests draw the same examples on every run (a failure on CI is a failure here too); loaded before the test
@@ -119,7 +121,7 @@ def _extract_once(archive: Path, target: Path, top: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{top}-", dir=target))
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")
+            tar.extractall(staging, **TAR_FILTER)
         final = target / top
         if not done.exists():
             if final.exists():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from benchmarks.common import TAR_FILTER
 from training.config import load_config
 from training.data.batch_augment import BatchAugment
 from training.data.datasets import FolderDataset, create_dataset
@@ -84,8 +85,7 @@ def test_datasets_from_shared_data() -> None:
 def test_folder_dataset_labelled_and_flat(tmp_path: Path, shared_data: Path) -> None:
     with tarfile.open(shared_data / "cifar10" / "test.tar") as tar:
         members = [m for m in tar.getmembers() if m.isfile()][:2000:100]
-        for m in members:
-            tar.extract(m, tmp_path / "labelled", filter="data")
+        tar.extractall(tmp_path / "labelled", members=members, **TAR_FILTER)
     (tmp_path / "labelled" / "test" / "empty_class").mkdir()  # no image: no class
     (tmp_path / "labelled" / "test" / "broken_class").mkdir()  # no readable image: no class, its file listed
     (tmp_path / "labelled" / "test" / "broken_class" / "x.jpg").write_bytes(b"not a jpeg")
