@@ -46,6 +46,7 @@ log = logging.getLogger("deepclust.export")
 
 OPSET = 17
 PARITY_MAX_ABS = 1e-4
+PARITY_IMAGES = 1000  # the first evaluation images of the draw (`evaluation_index`): parity and FP16 checks
 INT8_MIN_AGREEMENT = 0.99
 # The held-out choice of the float convolutions asks for this much more than the gate: 2,000 images estimate the
 # agreement to about +-0.002, and a choice that scored exactly 0.990 there measured 0.987 on the 10,000 test images.
@@ -170,6 +171,12 @@ def uint8_images(dataset: ImageDataset, size: int, indices: np.ndarray | None = 
     for row, index in enumerate(tqdm(indices, desc="decode", mininterval=5, leave=False)):
         out[row] = resize_for_model(dataset.load(int(index)), size)
     return out
+
+
+def evaluation_index(rng: np.random.Generator, total: int, limit: int | None = None) -> np.ndarray:
+    """The export's draw of evaluation images (the first draw of its seed-0 `rng`, sorted): all of them, or `limit`.
+    `training.requantize` repeats it to gate and check a store model on the same images."""
+    return np.sort(rng.choice(total, size=total if limit is None else min(limit, total), replace=False))
 
 
 def int8_training_images(
@@ -350,7 +357,7 @@ def export_checkpoint(
     out_dir: str | Path,
     *,
     variants: tuple[str, ...] = ("int8",),
-    parity_images: int = 1000,
+    parity_images: int = PARITY_IMAGES,
     calibration_images: int = 512,
     selection_images: int = 2000,
     eval_limit: int | None = None,
@@ -373,8 +380,7 @@ def export_checkpoint(
 
         eval_set = create_dataset(config.data.dataset, config.data.eval_split, config.data.root)
         rng = np.random.default_rng(0)
-        n_eval = len(eval_set) if eval_limit is None else min(eval_limit, len(eval_set))
-        eval_index = np.sort(rng.choice(len(eval_set), size=n_eval, replace=False))
+        eval_index = evaluation_index(rng, len(eval_set), eval_limit)
         eval_images = uint8_images(eval_set, size, eval_index)
 
         parity = check_parity(model, fp32, eval_images[: max(parity_images, 1)])

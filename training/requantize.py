@@ -21,9 +21,11 @@ import onnx
 from training.export import (
     INT8_MIN_AGREEMENT,
     INT8_SELECTION_MARGIN,
+    PARITY_IMAGES,
     PARITY_MAX_ABS,
     ExportError,
     build_fp16,
+    evaluation_index,
     int8_metadata,
     int8_training_images,
     require_int8_gate,
@@ -37,9 +39,6 @@ from training.qat import FineTune
 from training.quantize import _session, agreement, probabilities, quantize_int8
 
 log = logging.getLogger("deepclust.quantize")
-
-
-FP16_CHECK_IMAGES = 1000  # the export's parity_images: its FP16 gate runs on these
 
 
 def _store_facts(folder: Path) -> tuple[dict[str, str], dict[str, object], int]:
@@ -59,15 +58,15 @@ def refresh_graphs(folder: Path) -> dict[str, object]:
 
     fp32 = folder / "model.onnx"
     props, metrics, size = _store_facts(folder)
-    eval_set = create_dataset(metrics["dataset"], metrics["split"])
-    rng = np.random.default_rng(0)  # the export's draw: its first images are its parity images
-    index = np.sort(rng.choice(len(eval_set), size=len(eval_set), replace=False))[:FP16_CHECK_IMAGES]
-    images = uint8_images(eval_set, size, index)
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / "model.onnx"
-        count = fold_pads(fp32, folded, images[:1])
+        count = fold_pads(fp32, folded, np.zeros((1, size, size, 3), np.uint8))  # the amounts depend on the shape
         if not count:
             return {"model": folder.name, "pads_folded": 0}
+        eval_set = create_dataset(metrics["dataset"], metrics["split"])
+        # The export's draw: its first images are its parity images.
+        index = evaluation_index(np.random.default_rng(0), len(eval_set))[:PARITY_IMAGES]
+        images = uint8_images(eval_set, size, index)
         before, after = run_onnx(session(fp32), images), run_onnx(session(folded), images)
         difference = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
         if difference > PARITY_MAX_ABS or not (before[0].argmax(1) == after[0].argmax(1)).all():
@@ -111,9 +110,8 @@ def requantize(
     fp32 = folder / "model.onnx"
     props, metrics, size = _store_facts(folder)
     eval_set = create_dataset(metrics["dataset"], metrics["split"])
-    rng = np.random.default_rng(0)  # the same draws as `export_checkpoint` with the whole evaluation split
-    n_eval = len(eval_set) if eval_limit is None else min(eval_limit, len(eval_set))
-    eval_index = np.sort(rng.choice(len(eval_set), size=n_eval, replace=False))
+    rng = np.random.default_rng(0)  # the same draws as `export_checkpoint`
+    eval_index = evaluation_index(rng, len(eval_set), eval_limit)
     train_set = create_dataset(metrics["dataset"], train_split)
     calibration, held_out, fine_tune = int8_training_images(
         train_set, size, rng, calibration_images, selection_images, fine_tune_images
