@@ -370,3 +370,27 @@ def test_export_cli_refuses_an_int8_variant_below_the_gate(
     assert result.exit_code == 2, result.output
     assert "INT8 argmax agreement" in result.output
     assert _left_behind(out) == []
+
+
+def test_export_cli_by_default_leaves_out_a_variant_below_its_gate_and_says_why(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not asked for with `--int8`, an INT8 variant that misses its gate (raised above 100 %, the rest real) does not
+    cost the user the model: exit 0, the FP32 file and a card that verifies, no INT8 file, a warning, the reason in
+    the card, and the resolver quotes it when the INT8 variant is asked for."""
+    import training.export as export_module
+    from serving.core.model_store import ModelStoreError, resolve_model
+
+    monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.0 + 1e-9)
+    out = tmp_path / "store" / "fp32-only"
+    result = _export_cli(trained_run, out, "--no-fp16")
+    assert result.exit_code == 0, result.output
+    assert "warning: int8 variant not written" in result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["refused_variants"].keys() == {"int8"}
+    assert _left_behind(out) == ["model.json", "model.onnx"]
+    card = ModelCard.load(out)
+    assert list(card.files) == ["model.onnx"]
+    assert "INT8 argmax agreement" in card.refused_variants["int8"]
+    assert resolve_model(out, "fp32").file == out / "model.onnx"
+    with pytest.raises(ModelStoreError, match="the export did not write it: INT8 argmax agreement"):
+        resolve_model(out, "int8")

@@ -12,10 +12,12 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -43,6 +45,7 @@ from training.qat import FineTune
 from training.quantize import quantize_int8
 
 log = logging.getLogger("deepclust.export")
+T = TypeVar("T")
 
 OPSET = 17
 PARITY_MAX_ABS = 1e-4
@@ -201,13 +204,15 @@ def int8_training_images(
     return calibration, held_out, fine_tune
 
 
-def require_int8_gate(agreement: float, n: int, record: dict[str, Any]) -> None:
-    """The INT8 gate, measured on the evaluation set (never used to choose the float convolutions)."""
+def require_int8_gate(agreement: float, n: int, record: dict[str, Any]) -> float:
+    """The INT8 gate, measured on the evaluation set (never used to choose the float convolutions): the agreement,
+    once it passes."""
     if agreement < INT8_MIN_AGREEMENT:
         raise ExportError(
             f"INT8 argmax agreement with FP32 is {agreement:.4f} on {n} images (needs >= {INT8_MIN_AGREEMENT}, "
             f"{record['float_convs']} float convolutions); not writing a variant that serves other clusters"
         )
+    return agreement
 
 
 def int8_metadata(props: dict[str, Any], agreement: float, record: dict[str, Any]) -> dict[str, Any]:
@@ -330,6 +335,21 @@ class ExportResult:
     int8_agreement: float | None
     fp16_agreement: float | None  # on the provider named by fp16_gate (a GPU only when one ran at export)
     fp16_gate: dict[str, Any] | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # optional variants left out: variant -> why
+
+
+def _gated(variant: str, gate: Callable[[], T], required: bool, refused: dict[str, str]) -> T | None:
+    """What a variant's gate returns when it passes. A required variant's miss fails the export; an optional one's
+    returns None (recorded in `refused`, logged), so that a default export still yields the FP32 model it can
+    always serve."""
+    try:
+        return gate()
+    except ExportError as miss:
+        if required:
+            raise
+        refused[variant] = str(miss)
+        log.warning(json.dumps({"event": "variant_refused", "variant": variant, "reason": str(miss)}))
+        return None
 
 
 def build_fp16(
@@ -357,6 +377,7 @@ def export_checkpoint(
     out_dir: str | Path,
     *,
     variants: tuple[str, ...] = ("int8",),
+    optional_variants: tuple[str, ...] = (),
     parity_images: int = PARITY_IMAGES,
     calibration_images: int = 512,
     selection_images: int = 2000,
@@ -366,7 +387,9 @@ def export_checkpoint(
     fine_tune_epochs: int = FineTune.epochs,
 ) -> ExportResult:
     """Checkpoint -> `out_dir/model.onnx` (+ variants) + `model.json`, checked for parity and agreement. With
-    `fine_tune_images`, the INT8 variant's weights are fine-tuned on that many training images (`training.qat`)."""
+    `fine_tune_images`, the INT8 variant's weights are fine-tuned on that many training images (`training.qat`).
+    A variant in `variants` must pass its gate or the export fails; one in `optional_variants` is written only if
+    it passes (`ExportResult.refused` and the card's `refused_variants` say why not)."""
     from training.trainer import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
@@ -404,7 +427,8 @@ def export_checkpoint(
 
         int8_agreement = fp16_agreement = None
         fp16_gate: dict[str, Any] | None = None
-        if "int8" in variants:
+        refused: dict[str, str] = {}
+        if "int8" in variants or "int8" in optional_variants:
             train_set = create_dataset(config.data.dataset, config.data.train_split, config.data.root)
             calibration, held_out, fine_tune = int8_training_images(
                 train_set, size, rng, calibration_images, selection_images, fine_tune_images
@@ -422,23 +446,26 @@ def export_checkpoint(
             )
             p_int8, _ = run_onnx(session(int8), eval_images)
             int8_agreement = _agreement(p_fp32, p_int8)
-            require_int8_gate(int8_agreement, len(eval_images), quantized.record)
-            write_metadata(int8, int8_metadata(props, int8_agreement, quantized.record))
-            card.int8_selection = quantized.record  # the card's own record (ModelCard keeps extra fields)
-            outputs["model.int8.onnx"] = ("int8", int8_agreement)
-        if "fp16" in variants:
+            gate = partial(require_int8_gate, int8_agreement, len(eval_images), quantized.record)
+            if _gated("int8", gate, "int8" in variants, refused) is not None:
+                write_metadata(int8, int8_metadata(props, int8_agreement, quantized.record))
+                card.int8_selection = quantized.record  # the card's own record (ModelCard keeps extra fields)
+                outputs["model.int8.onnx"] = ("int8", int8_agreement)
+        if "fp16" in variants or "fp16" in optional_variants:
             n = max(parity_images, 1)
-            gate = build_fp16(fp32, staging / "model.fp16.onnx", props, eval_images[:n], p_fp32[:n])
-            fp16_agreement, fp16_gate = gate.agreement, gate.record()
-            outputs["model.fp16.onnx"] = ("fp16", gate.served_agreement)
-            card.fp16_gate = fp16_gate  # the card's own record (ModelCard keeps extra fields)
+            build = partial(build_fp16, fp32, staging / "model.fp16.onnx", props, eval_images[:n], p_fp32[:n])
+            if (fp16 := _gated("fp16", build, "fp16" in variants, refused)) is not None:
+                fp16_agreement, fp16_gate = fp16.agreement, fp16.record()
+                outputs["model.fp16.onnx"] = ("fp16", fp16.served_agreement)
+                card.fp16_gate = fp16_gate  # the card's own record (ModelCard keeps extra fields)
+        card.refused_variants = refused
 
         for name, (precision, agreement) in outputs.items():
             shutil.move(str(staging / name), out_dir / name)
             card.add_file(out_dir / name, precision, agreement)
     card.save(out_dir / "model.json")
     log.info(json.dumps({"event": "exported", "out_dir": str(out_dir), "files": sorted(outputs)}))
-    return ExportResult(out_dir, card, parity, int8_agreement, fp16_agreement, fp16_gate)
+    return ExportResult(out_dir, card, parity, int8_agreement, fp16_agreement, fp16_gate, refused)
 
 
 def _metrics_and_names(

@@ -138,6 +138,7 @@ def requantize(
     card = ModelCard.load(folder)
     card.add_file(folder / "model.int8.onnx", "int8", gate)
     card.int8_selection = result.record
+    card.refused_variants.pop("int8", None)  # an export that refused it is superseded by this file
     card.save(folder / "model.json")
     summary = {"model": folder.name, "agreement_vs_fp32": gate, "n": len(eval_images), **result.record}
     log.info(json.dumps({"event": "requantized", **{k: v for k, v in summary.items() if k != "float"}}))

@@ -1,8 +1,10 @@
 """`deepclust export`: a checkpoint -> ONNX (uint8 images in, pre-processing inside), variants, model card.
 
-Variants by default: INT8 (for CPUs) and FP16 (for GPUs; `variant: auto` serves it on a GPU provider). Each must agree
-with FP32 on >= 99 % of the evaluation images or the export fails. FP16 is measured on a GPU provider when this
-machine has one; otherwise the card records its GPU agreement as unmeasured (`fp16_gate`).
+Variants: INT8 (for CPUs) and FP16 (for GPUs; `variant: auto` serves it on a GPU provider). Each must agree with FP32
+on >= 99 % of the evaluation images. By default a variant that misses its gate is left out with a warning (the FP32
+model is written; the card's `refused_variants` says why); asked for with `--int8` / `--fp16`, the miss fails the
+export. FP16 is measured on a GPU provider when this machine has one; otherwise the card records its GPU agreement as
+unmeasured (`fp16_gate`).
 """
 
 from __future__ import annotations
@@ -17,14 +19,23 @@ import typer
 def command(
     checkpoint: Annotated[Path, typer.Argument(help="run directory or checkpoint file (.pt)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="model store folder, e.g. model_store/NAME")],
-    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="static INT8 (QDQ) variant for CPUs")] = True,
+    int8: Annotated[
+        bool | None,
+        typer.Option(
+            "--int8/--no-int8",
+            help="static INT8 (QDQ) variant for CPUs; default: written if it passes its gate, --int8: required",
+            show_default=False,
+        ),
+    ] = None,
     fp16: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--fp16/--no-fp16",
-            help="FP16 variant for GPUs (agreement measured on the GPU when there is one, else recorded as unmeasured)",
+            help="FP16 variant for GPUs (agreement measured on the GPU when there is one, else recorded as "
+            "unmeasured); default: written if it passes its gate, --fp16: required",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     parity_images: Annotated[int, typer.Option(min=1, help="evaluation images for the torch/ONNX parity check")] = 1000,
     calibration_images: Annotated[int, typer.Option(min=1, help="training images for INT8 calibration")] = 512,
     int8_fine_tune_images: Annotated[
@@ -51,12 +62,15 @@ def command(
     from training.export import ExportError, export_checkpoint
 
     configure_logging()
-    variants = tuple(v for v, on in (("int8", int8), ("fp16", fp16)) if on)
+    asked = {"int8": int8, "fp16": fp16}  # True: required, None: if it passes its gate, False: not built
+    variants = tuple(v for v, on in asked.items() if on)
+    optional_variants = tuple(v for v, on in asked.items() if on is None)
     try:
         result = export_checkpoint(
             checkpoint,
             output,
             variants=variants,
+            optional_variants=optional_variants,
             parity_images=parity_images,
             calibration_images=calibration_images,
             eval_limit=eval_limit,
@@ -68,6 +82,10 @@ def command(
         typer.echo(f"export failed: {error}", err=True)
         raise typer.Exit(2) from error
     card = result.card
+    for variant, reason in result.refused.items():
+        typer.echo(
+            f"warning: {variant} variant not written (ask with --{variant} to make this an error): {reason}", err=True
+        )
     typer.echo(
         json.dumps(
             {
@@ -77,6 +95,7 @@ def command(
                 "int8_agreement": result.int8_agreement,
                 "fp16_agreement": result.fp16_agreement,
                 "fp16_gate": result.fp16_gate,
+                "refused_variants": result.refused,
                 "files": {name: f.bytes for name, f in card.files.items()},
             }
         )

@@ -181,6 +181,8 @@ class ModelCard(ModelFacts):
     created_at: str | None = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     files: dict[str, CardFile] = Field(default_factory=dict)
     rebuild_command: str | None = None
+    # Variants the export built but did not write because they missed their agreement gate: variant -> why.
+    refused_variants: dict[str, str] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:

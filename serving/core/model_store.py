@@ -97,12 +97,14 @@ def resolve_model(model: str | Path, variant: str = "fp32", *, store: Path | Non
             "train and export one with `deepclust train` and `deepclust export`"
         )
     file = variant_file(folder, variant)
+    card = load_card(folder)
     if not file.is_file():
         present = [v for v in VARIANTS if (folder / VARIANT_FILES[v]).is_file()]
+        refused = card.refused_variants.get(variant) if card is not None else None
+        why = f"; the export did not write it: {refused}" if refused else ""
         raise ModelStoreError(
-            f"{folder} has no {file.name} (variant {variant!r}); variants present: {', '.join(present) or 'none'}"
+            f"{folder} has no {file.name} (variant {variant!r}); variants present: {', '.join(present) or 'none'}{why}"
         )
-    card = load_card(folder)
     if card is None:
         raise ModelStoreError(
             f"{folder} has no model card ({CARD_NAME}), so {file.name} cannot be verified: export the model with "
