@@ -37,7 +37,7 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 
 def onnxruntime_runner(path: Path, threads: int) -> Predict:
-    """The cluster ids from an onnxruntime CPU session (the engine's session options)."""
+    """The cluster ids from an onnxruntime CPU session (all graph optimisations, `threads` intra-op threads)."""
     from training.quantize import _session
 
     session = _session(path, threads)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates = interleaved_throughput(
                     {f"{k[0]}/{k[1]}": r for k, r in runners.items()}, test_images, batch, args.seconds, args.rounds
                 )
-                for (runtime, variant), _ in runners.items():
+                for runtime, variant in runners:
                     rate = rates[f"{runtime}/{variant}"]
                     rows.append(
                         {
