@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                             "vs_onnxruntime_fp32": round(rate / rates["onnxruntime/fp32"], 2),
                             "agreement_vs_fp32": round(agreement[runtime, variant], 4),
                             "test_images": args.test_images,
+                            "load_average_1m": round(os.getloadavg()[0], 2),  # only ratios from one run compare
                         }
                     )
     extra = {
