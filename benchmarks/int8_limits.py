@@ -25,7 +25,6 @@ Writes benchmarks/results/int8_limits.json (rows keyed by model and variant).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -177,15 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
-    import onnx
-
     from training.data.datasets import create_dataset
     from training.export import uint8_images
     from training.quantize import Quantizer, agreement
+    from training.requantize import store_facts
 
     fp32 = args.model / "model.onnx"
-    props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(fp32)).metadata_props}
-    metrics, size = json.loads(props["metrics"]), int(props["input_size"])
+    _, metrics, size = store_facts(args.model)
     train, test = create_dataset(metrics["dataset"], "train"), create_dataset(metrics["dataset"], metrics["split"])
     rng = np.random.default_rng(0)
     order = rng.permutation(len(train))

@@ -19,7 +19,6 @@ images of the evaluation split. Writes benchmarks/results/int8_runtimes.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -81,15 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         parser.error("OpenVINO is not installed: pip install openvino (only this benchmark uses it)")
 
-    import onnx
-
     from training.data.datasets import create_dataset
     from training.export import uint8_images
     from training.quantize import Quantizer
+    from training.requantize import store_facts
 
     fp32 = args.model / "model.onnx"
-    props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(fp32)).metadata_props}
-    metrics, size = json.loads(props["metrics"]), int(props["input_size"])
+    _, metrics, size = store_facts(args.model)
     train, test = create_dataset(metrics["dataset"], "train"), create_dataset(metrics["dataset"], metrics["split"])
     rng = np.random.default_rng(0)
     calibration = uint8_images(train, size, np.sort(rng.permutation(len(train))[: args.calibration_images]))

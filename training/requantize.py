@@ -41,7 +41,7 @@ from training.quantize import _session, agreement, probabilities, quantize_int8
 log = logging.getLogger("deepclust.quantize")
 
 
-def _store_facts(folder: Path) -> tuple[dict[str, str], dict[str, object], int]:
+def store_facts(folder: Path) -> tuple[dict[str, str], dict[str, object], int]:
     """The FP32 file's metadata (without its precision), its metrics and its input size."""
     props = {p.key.removeprefix("deepclust."): p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
     props.pop("precision", None)
@@ -57,7 +57,7 @@ def refresh_graphs(folder: Path) -> dict[str, object]:
     from training.data.datasets import create_dataset
 
     fp32 = folder / "model.onnx"
-    props, metrics, size = _store_facts(folder)
+    props, metrics, size = store_facts(folder)
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / "model.onnx"
         count = fold_pads(fp32, folded, np.zeros((1, size, size, 3), np.uint8))  # the amounts depend on the shape
@@ -108,7 +108,7 @@ def requantize(
     from training.data.datasets import create_dataset
 
     fp32 = folder / "model.onnx"
-    props, metrics, size = _store_facts(folder)
+    props, metrics, size = store_facts(folder)
     eval_set = create_dataset(metrics["dataset"], metrics["split"])
     rng = np.random.default_rng(0)  # the same draws as `export_checkpoint`
     eval_index = evaluation_index(rng, len(eval_set), eval_limit)
