@@ -73,7 +73,8 @@ class Client:
         self.close()
 
     def post(self, body: bytes, content_type: str, path: str | None = None) -> tuple[int, Any]:
-        """POST raw bytes; returns (status, parsed JSON or text). Retries once on a dropped keep-alive."""
+        """POST raw bytes; returns (status, parsed JSON or text). Retries once on a dropped keep-alive; after any
+        other failure (a timeout) the connection is closed, so the next call starts clean."""
         headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -89,6 +90,9 @@ class Client:
                 self.close()
                 if attempt:
                     raise
+            except BaseException:
+                self.close()  # half a request sent or half an answer read: this connection cannot be reused
+                raise
         try:
             return response.status, json.loads(text)
         except ValueError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import http.client
 import importlib.util
 import io
 import json
@@ -763,7 +764,7 @@ def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
                     status, body = client.post(images[i % len(images)], "application/octet-stream")
                     if status == 200 and not (isinstance(body, list) and "cluster" in body[0]):
                         status = -1
-                except OSError:
+                except (OSError, http.client.HTTPException):
                     status = 0
                 with lock:
                     records.append((sent, time.monotonic(), status))
@@ -810,6 +811,33 @@ def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
     assert set(statuses) <= {0, 500, 502, 503, 504, 507}, f"unexpected statuses {statuses}"
     ping = requests.get(f"{service.config.base_url}/ping", headers=_auth(service), timeout=10)
     assert ping.status_code == 200
+
+
+def test_a_request_torchserve_drops_when_its_worker_dies_is_answered_503(tiny_model_dir, tmp_path_factory, images):
+    """TorchServe 0.12 never answers the jobs a worker's thread holds while it waits `maxBatchDelay` for a fuller
+    batch, when that worker dies. With a 3 s batch delay one request is surely held: SIGKILL the worker 0.5 s after
+    sending it. The front answers it 503 with `Retry-After` within seconds (without the watch: a 504 after the 130 s
+    backend timeout), and the replacement worker answers the next request."""
+    with running(
+        "torchserve", tmp_path_factory, model=str(tiny_model_dir), batch_size=8, max_batch_delay_ms=3000,
+        intra_op_threads=1,
+    ) as host:  # fmt: skip
+        url = f"{host.config.base_url}/predictions/{host.config.model_name}"
+        (victim,) = worker_processes(host)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sent = time.monotonic()
+            held = pool.submit(requests.post, url, data=images[0], timeout=60)
+            time.sleep(0.5)
+            victim.send_signal(signal.SIGKILL)
+            response = held.result()
+            answered_after = time.monotonic() - sent
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "unavailable" and response.headers["Retry-After"] == "1"
+        assert answered_after < 30, answered_after
+        print(f"\ndropped request answered 503 after {answered_after:.2f} s")
+        again = requests.post(url, data=images[0], timeout=60)
+        assert again.status_code == 200 and "cluster" in again.json()[0], again.text
+        assert victim.pid not in host.worker_pids() and len(host.worker_pids()) == 1
 
 
 # ----------------------------------------------------------------------------- Ctrl-C leaves no process

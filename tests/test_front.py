@@ -11,12 +11,14 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import free_port
 from prometheus_client import CollectorRegistry
 
+from serving.client import Client
 from serving.hosts.serve.front import Front, FrontSettings, outcome_of
 from serving.hosts.serve.telemetry import FrontMetrics
 from serving.hosts.torchserve.front import TorchServeBackend
@@ -36,6 +38,8 @@ class _Echo(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if "slow" in self.path:
+            time.sleep(1.5)
         seen = {
             "method": self.command,
             "path": self.path,
@@ -272,3 +276,13 @@ def test_a_busy_port_fails_at_start_and_stop_releases_the_port(backend):
 )
 def test_outcome_labels(status, body, outcome):
     assert outcome_of(status, body) == outcome
+
+
+def test_client_starts_a_clean_connection_after_a_timeout(backend):
+    """`serving.client.Client` keeps one keep-alive connection: a request that times out half-way must not leave it
+    unusable (http.client's `CannotSendRequest` on every later call: what stopped the worker-kill test's clients)."""
+    with Client(f"http://127.0.0.1:{backend}", "m", timeout=0.5) as client:
+        with pytest.raises(TimeoutError):
+            client.post(b"x", "application/octet-stream", path="/predictions/slow")
+        status, body = client.post(b"abc", "application/octet-stream")
+        assert status == 200 and body[0]["length"] == 3

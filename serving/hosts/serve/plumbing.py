@@ -56,6 +56,11 @@ class BackendUnavailable(Exception):  # noqa: N818 - reads as a state
     """The backend cannot be reached (502)."""
 
 
+class RequestLost(Exception):  # noqa: N818 - reads as a state
+    """The backend dropped this request without an answer (its worker died): 503 with `Retry-After`, since a
+    prediction is safe to send again."""
+
+
 Item = bytes | np.ndarray
 """One image for `Backend.predict_items`: encoded bytes, or decoded uint8 HWC RGB pixels."""
 
@@ -231,7 +236,8 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def call_backend(request: web.Request, work: Awaitable[Any]) -> Any:
-    """Await a backend call within `backend_timeout_s`: 504 when late, 502 when the backend is unreachable."""
+    """Await a backend call within `backend_timeout_s`: 504 when late, 502 when the backend is unreachable, 503 when
+    it dropped the request."""
     s = request.app[STATE].settings
     try:
         async with asyncio.timeout(s.backend_timeout_s):
@@ -241,6 +247,8 @@ async def call_backend(request: web.Request, work: Awaitable[Any]) -> Any:
         raise FrontError(504, "timeout", f"the {name} backend did not answer in time") from exc
     except BackendUnavailable as exc:
         raise FrontError(502, "backend_unavailable", str(exc)) from exc
+    except RequestLost as exc:
+        raise FrontError(503, "unavailable", str(exc), {"Retry-After": "1"}) from exc
 
 
 def check_model(request: web.Request, name: str) -> None:

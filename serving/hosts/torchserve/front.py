@@ -15,6 +15,16 @@ TorchServe's inference key upstream, so TorchServe's key never has to reach a cl
 Two TorchServe answers that blame the wrong party are rewritten: 400 `InvalidKeyException` → 401 (our JSON error),
 500 `ErrorDataDecoderException` (Netty's multipart decoder failed on a malformed client body) → 400 with a one-item
 error list, as the handler answers an unusable request.
+
+A worker that dies drops requests silently (TorchServe 0.12, `WorkerThread.run`): the jobs its thread had taken from
+the queue while it waited `maxBatchDelay` for a fuller batch are cleared without an answer, so their clients would wait
+for the front's `backend_timeout_s` (130 s by default) and get a 504. The jobs of a batch already sent to the worker
+get TorchServe's own "Worker died." (500, or 507 after a SIGKILL). So the backend watches the worker processes (`workers`, polled every
+`WATCH_INTERVAL_S`); when one disappears it sends a probe prediction, which TorchServe queues behind every request
+already forwarded. Once the probe is answered (by the replacement worker, or another one), every request forwarded
+before the death that is still unanswered `LOST_GRACE_S` later was dropped: it is answered 503 with `Retry-After`.
+With several workers, a long batch another worker was still computing after that grace is answered 503 as well:
+predictions are safe to send again, a 130 s wait is not.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import asyncio
 import base64
 import io
 import json
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +42,10 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from serving.hosts.serve.front import BackendUnavailable, Item, error_response
+from serving.hosts.serve.front import BackendUnavailable, Item, error_response, warmup_image
+from serving.hosts.serve.plumbing import RequestLost
+
+log = logging.getLogger("deepclust.front")
 
 FORM = "application/x-www-form-urlencoded"
 OCTET_STREAM = "application/octet-stream"
@@ -49,6 +64,9 @@ DROPPED = {
     "authorization",
 }
 RELAYED = {"content-type", "x-request-id", "cache-control"}  # response headers passed back to the client
+WATCH_INTERVAL_S = 0.25  # how often the worker processes are listed
+LOST_GRACE_S = 1.0  # after the probe's answer: the answers of the probe's own batch arrive within it
+PROBE_DEADLINE_S = 120.0  # probes are retried (a replacement worker loads the model first) for at most this long
 
 
 class TorchServeBackend:
@@ -56,11 +74,22 @@ class TorchServeBackend:
 
     name = "torchserve"
 
-    def __init__(self, port: int, model_name: str, token: Callable[[], str | None], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        model_name: str,
+        token: Callable[[], str | None],
+        host: str = "127.0.0.1",
+        workers: Callable[[], list[int]] | None = None,
+    ) -> None:
         self.base = f"http://{host}:{port}"
         self.model_name = model_name
         self.token = token  # TorchServe's inference key (read lazily from the key file it writes)
+        self.workers = workers  # the worker processes' pids (None: not watched)
         self.session: aiohttp.ClientSession | None = None
+        # One future per request in flight to TorchServe; set when the request is known to be dropped.
+        self._in_flight: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         # No total timeout here: the front bounds each call by `backend_timeout_s` (504).
@@ -69,11 +98,60 @@ class TorchServeBackend:
             timeout=aiohttp.ClientTimeout(total=None, connect=5),
             auto_decompress=False,
         )
+        if self.workers is not None:
+            self._spawn(self._watch_workers())
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def _spawn(self, work) -> None:  # noqa: ANN001 - a coroutine
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_workers(self) -> None:
+        """Poll the worker processes; a pid that disappears starts `_answer_dropped` for the requests in flight."""
+        assert self.workers is not None
+        known: set[int] = set()
+        while True:
+            try:
+                current = set(await asyncio.to_thread(self.workers))
+            except Exception:  # never let the watch end: log and look again
+                log.exception("deepclust front: listing the TorchServe workers failed")
+                current = known
+            died = known - current
+            if died and self._in_flight:
+                log.warning("deepclust front: TorchServe worker %s died with %d requests in flight", sorted(died),
+                            len(self._in_flight))  # fmt: skip
+                self._spawn(self._answer_dropped(set(self._in_flight)))
+            known = current
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def _answer_dropped(self, caught: set[asyncio.Future[None]]) -> None:
+        """Probe until TorchServe answers a prediction queued after `caught`; then those still unanswered were
+        dropped (FIFO queue): fail them with `RequestLost`."""
+        deadline = time.monotonic() + PROBE_DEADLINE_S
+        probe = warmup_image()
+        while time.monotonic() < deadline and any(not f.done() for f in caught):
+            headers = {"Content-Type": "image/png", **self._auth()}
+            try:
+                status, _, _ = await self._request("POST", f"/predictions/{self.model_name}", probe, headers)
+            except BackendUnavailable:
+                status = 0
+            if status == 200:
+                break
+            await asyncio.sleep(WATCH_INTERVAL_S)
+        await asyncio.sleep(LOST_GRACE_S)
+        dropped = [f for f in caught if not f.done()]
+        for future in dropped:
+            future.set_result(None)
+        if dropped:
+            log.warning("deepclust front: %d requests dropped by the dead worker answered 503", len(dropped))
 
     def _auth(self) -> dict[str, str]:
         key = self.token()
@@ -83,7 +161,27 @@ class TorchServeBackend:
         self, method: str, path: str, body: bytes | None, headers: dict[str, str]
     ) -> tuple[int, Any, bytes]:
         """One request to TorchServe → (status, headers, body). A connection dropped before the answer is retried
-        once (a pooled connection TorchServe had closed); unreachable → `BackendUnavailable` (502)."""
+        once (a pooled connection TorchServe had closed); unreachable → `BackendUnavailable` (502); dropped by a
+        dead worker → `RequestLost` (503)."""
+        dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        request = asyncio.ensure_future(self._request(method, path, body, headers))
+        self._in_flight.add(dropped)
+        try:
+            await asyncio.wait((request, dropped), return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                return request.result()
+            raise RequestLost(
+                "the TorchServe worker died while this request waited for a batch, and TorchServe dropped it: "
+                "send it again"
+            )
+        finally:
+            self._in_flight.discard(dropped)
+            if not request.done():
+                request.cancel()
+
+    async def _request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, Any, bytes]:
         assert self.session is not None
         for attempt in range(2):
             try:

@@ -372,7 +372,9 @@ class TorchServeHost(ManagedHost):
         self.metrics_server = start_metrics_server(
             self.config.metrics_host, self.config.metrics_port, self.multiproc_dir, registry
         )
-        backend = TorchServeBackend(self.backend_port, self.config.model_name, self.inference_token)
+        backend = TorchServeBackend(
+            self.backend_port, self.config.model_name, self.inference_token, workers=self.worker_pids
+        )
         self.front = Front(settings_from(self.config, self.inference_token), backend, front_metrics)
         self.front.start()
         stdout = open(self.log_dir / "torchserve.out", "ab")  # noqa: SIM115 - lives as long as the process
@@ -427,6 +429,24 @@ class TorchServeHost(ManagedHost):
             return isinstance(answer, list) and "cluster" in answer[0]
         except (urllib.error.URLError, OSError, ValueError, IndexError, TypeError):
             return False
+
+    def worker_pids(self) -> list[int]:
+        """TorchServe's Python workers (children of the JVM that run `model_service_worker`); empty while none runs.
+        Watched by the front (`TorchServeBackend`): a worker that dies drops requests TorchServe never answers."""
+        import psutil
+
+        if self.process is None:
+            return []
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        pids = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if any("model_service_worker" in part for part in child.cmdline()):
+                    pids.append(child.pid)
+        return sorted(pids)
 
     def auth_headers(self) -> dict[str, str]:
         token = self.inference_token()
