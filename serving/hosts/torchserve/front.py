@@ -16,15 +16,15 @@ Two TorchServe answers that blame the wrong party are rewritten: 400 `InvalidKey
 500 `ErrorDataDecoderException` (Netty's multipart decoder failed on a malformed client body) → 400 with a one-item
 error list, as the handler answers an unusable request.
 
-A worker that dies drops requests silently (TorchServe 0.12, `WorkerThread.run`): the jobs its thread had taken from
-the queue while it waited `maxBatchDelay` for a fuller batch are cleared without an answer, so their clients would wait
-for the front's `backend_timeout_s` (130 s by default) and get a 504. The jobs of a batch already sent to the worker
-get TorchServe's own "Worker died." (500, or 507 after a SIGKILL). So the backend watches the worker processes (`workers`, polled every
-`WATCH_INTERVAL_S`); when one disappears it sends a probe prediction, which TorchServe queues behind every request
-already forwarded. Once the probe is answered (by the replacement worker, or another one), every request forwarded
-before the death that is still unanswered `LOST_GRACE_S` later was dropped: it is answered 503 with `Retry-After`.
-With several workers, a long batch another worker was still computing after that grace is answered 503 as well:
-predictions are safe to send again, a 130 s wait is not.
+A worker that dies drops requests silently (TorchServe 0.12, `WorkerThread.run`): the jobs its thread had taken from the
+queue while it waited `maxBatchDelay` for a fuller batch are cleared without an answer, so their clients would wait for
+the front's `backend_timeout_s` (130 s by default) and get a 504. The jobs of a batch already sent to the worker get
+TorchServe's own "Worker died." (500, or 507 after a SIGKILL). So the backend watches the worker processes (`workers`,
+polled every `WATCH_INTERVAL_S`); when one disappears it sends a probe prediction, which TorchServe queues behind every
+request already forwarded. Once the probe is answered (by the replacement worker, or another one), every request
+forwarded before the death that is still unanswered `LOST_GRACE_S` later was dropped: it is answered 503 with
+`Retry-After`. With several workers, a long batch another worker was still computing after that grace is answered 503 as
+well: predictions are safe to send again, a 130 s wait is not.
 """
 
 from __future__ import annotations
