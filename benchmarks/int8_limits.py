@@ -41,9 +41,9 @@ OUTPUTS = ["embedding", "probabilities"]
 
 def run_graph(path: Path, images: np.ndarray, threads: int, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The graph's embedding and probabilities for uint8 images."""
-    from training.quantize import _session
+    from serving.core.engine import cpu_session
 
-    session = _session(path, threads)
+    session = cpu_session(path, threads)
     parts = [session.run(OUTPUTS, {"images": images[i : i + batch]}) for i in range(0, len(images), batch)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -52,11 +52,11 @@ def head_session(fp32: Path, workdir: Path, threads: int):  # noqa: ANN201
     """The FP32 graph from `embedding` to `probabilities`: the head a corrected embedding is fed to."""
     import onnx.utils
 
-    from training.quantize import _session
+    from serving.core.engine import cpu_session
 
     path = workdir / "head.onnx"
     onnx.utils.extract_model(str(fp32), str(path), ["embedding"], ["probabilities"])
-    return _session(path, threads)
+    return cpu_session(path, threads)
 
 
 class TorchHead:

@@ -38,9 +38,9 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 def onnxruntime_runner(path: Path, threads: int) -> Predict:
     """The cluster ids from an onnxruntime CPU session (all graph optimisations, `threads` intra-op threads)."""
-    from training.quantize import _session
+    from serving.core.engine import cpu_session
 
-    session = _session(path, threads)
+    session = cpu_session(path, threads)
     return lambda images: session.run(["cluster"], {"images": images})[0]
 
 

@@ -33,13 +33,17 @@ EXTRAS: dict[str, tuple[str, ...]] = {  # import names each extra brings; tests/
         "pyarrow",
         "aiohttp",
         "python_multipart",
+        "psutil",
     ),
 }
 COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {  # sub-command → (its extra, modules it cannot start without)
     "train": ("train", ("torch", "torchvision")),
     "evaluate": ("train", ("torch", "torchvision")),
     "export": ("train", ("torch", "onnx", "onnxscript", "onnxruntime")),
-    "serve": ("serve", ("ts", "model_archiver", "aiohttp", "python_multipart", "onnxruntime", "prometheus_client")),
+    "serve": (
+        "serve",
+        ("ts", "model_archiver", "aiohttp", "python_multipart", "psutil", "onnxruntime", "prometheus_client"),
+    ),
     "label": ("serve", ("onnxruntime",)),
     "monitor": ("serve", ("onnxruntime", "prometheus_client")),
     "predict": ("serve", ()),

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from timm.layers import Conv2dSame
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 
 from deepclust.cli import app
 from serving.core.contract import ModelCard, sha256_file
-from serving.core.engine import Engine
+from serving.core.engine import Engine, cpu_session
 from training.config import load_config
 from training.data.datasets import create_dataset
 from training.export import (
@@ -28,7 +27,6 @@ from training.export import (
     measure_fp16,
     require_parity,
     run_onnx,
-    session,
     uint8_images,
 )
 from training.onnx_graph import fold_pads
@@ -188,7 +186,7 @@ def _conv_padding(path: Path, images: np.ndarray) -> list[list[int]]:
     producer = {o: n for n in proto.graph.node for o in n.output}
     runtime = [n.input[1] for n in proto.graph.node if n.op_type == "Pad" and n.input[1] not in init]
     proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in runtime)
-    values = dict(zip(runtime, ort.InferenceSession(proto.SerializeToString()).run(runtime, {"images": images})))
+    values = dict(zip(runtime, cpu_session(proto.SerializeToString()).run(runtime, {"images": images})))
     values.update(init)
     padding = []
     for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
@@ -220,8 +218,8 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
     )
     folded = tmp_path / "folded.onnx"
     fold_pads(fp32, folded, images[:1])
-    reference = ort.InferenceSession(str(fp32)).run(None, {"images": images})[0]
-    assert np.array_equal(ort.InferenceSession(str(folded)).run(None, {"images": images})[0], reference)
+    reference = cpu_session(fp32).run(None, {"images": images})[0]
+    assert np.array_equal(cpu_session(folded).run(None, {"images": images})[0], reference)
     assert not [n for n in onnx.load(str(folded)).graph.node if n.op_type == "Shape"]
     pads = _conv_padding(fp32, images[:1])
     assert pads == _conv_padding(folded, images[:1]) and any(sum(p) for p in pads)
@@ -229,7 +227,7 @@ def test_int8_keeps_same_padding_exact(tmp_path: Path) -> None:
     int8 = quantize_int8(fp32, tmp_path / "same.int8.onnx", images[:48], images[48:], target=0.0).path
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
     assert _conv_padding(int8, images[:1]) == pads  # the old recipe gave [[1,0,1,0], [0,0,1,0]]
-    out = ort.InferenceSession(str(int8)).run(None, {"images": images[48:]})[0]
+    out = cpu_session(int8).run(None, {"images": images[48:]})[0]
     error = np.linalg.norm(out - reference[48:]) / np.linalg.norm(reference[48:])
     assert error < 0.05, error  # 0.094 with the old recipe's shifted pads
 
@@ -266,11 +264,11 @@ def test_export_folds_run_time_pads_and_refresh_brings_an_older_file_to_it(
     export_checkpoint(trainer.run_dir, older, variants=("fp16",), parity_images=64)
     assert _run_time_pads(older / "model.onnx")
     images = uint8_images(create_dataset("digits", "test"), 32, np.arange(64))
-    before = run_onnx(session(older / "model.onnx"), images)
+    before = run_onnx(cpu_session(older / "model.onnx"), images)
 
     summary = refresh_graphs(older)
     assert summary["pads_folded"] > 0 and not _run_time_pads(older / "model.onnx")
-    after = run_onnx(session(older / "model.onnx"), images)
+    after = run_onnx(cpu_session(older / "model.onnx"), images)
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
     card = ModelCard.load(older)

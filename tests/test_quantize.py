@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from serving.core.engine import cpu_session, session_options
 from training.qat import FakeQuantGraph, FineTune
 from training.quantize import (
     Quantizer,
@@ -101,9 +102,8 @@ def _convs_after_load(path: Path) -> dict[str, list[str]]:
     """The convolutions onnxruntime runs after its graph optimisations: {"float": [...], "int8": [...]} node names
     (a float Conv may be renamed after its output by the NCHWc layout pass)."""
     out = path.with_suffix(".optimized.onnx")
-    options = ort.SessionOptions()
+    options = session_options()
     options.optimized_model_filepath = str(out)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     nodes = onnx.load(str(out)).graph.node
     return {
@@ -114,12 +114,12 @@ def _convs_after_load(path: Path) -> dict[str, list[str]]:
 
 def test_sensitivity_keeps_float_the_convolution_whose_quantization_hurts_most(tiny, tmp_path: Path) -> None:
     fp32, calibration, held_out = tiny
-    reference = probabilities(ort.InferenceSession(str(fp32)), held_out)
+    reference = probabilities(cpu_session(fp32), held_out)
     quantizer = Quantizer(fp32, calibration, tmp_path)
     assert quantizer.convs == ["conv_a", "conv_b", "conv_c"]
     scores = sensitivities(quantizer, held_out[:256], reference[:256])
     assert max(scores, key=scores.get) == "conv_b", scores
-    everything = probabilities(ort.InferenceSession(str(quantizer.build(tmp_path / "all.onnx"))), held_out)
+    everything = probabilities(cpu_session(quantizer.build(tmp_path / "all.onnx")), held_out)
     all_agreement = float((everything.argmax(1) == reference.argmax(1)).mean())
     target = min(0.999, all_agreement + 0.5 * (1 - all_agreement))  # above what the all-INT8 graph reaches
     selection = select_float_nodes(quantizer, held_out, reference, target)
@@ -151,8 +151,8 @@ def test_scalar_constants_is_exact_and_only_for_uniform_constants(tiny, tmp_path
     shapes = {i.name: list(i.dims) for i in onnx.load(str(copy)).graph.initializer}
     assert shapes["mean_scalar"] == [] and shapes["std_scalar"] == [] and shapes["wa"] == [8, 3, 3, 3]
     assert "mean" not in shapes and "std" not in shapes
-    before = ort.InferenceSession(str(fp32)).run(None, {"images": held_out})[0]
-    after = ort.InferenceSession(str(copy)).run(None, {"images": held_out})[0]
+    before = cpu_session(fp32).run(None, {"images": held_out})[0]
+    after = cpu_session(copy).run(None, {"images": held_out})[0]
     assert np.array_equal(before, after)
 
 
@@ -175,12 +175,12 @@ def test_clip_guard_is_a_no_op_on_dequantized_values() -> None:
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     x = np.array([[[[-1.0, 0.0, 1.0, 9.0]]]], np.float32)
-    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    before = cpu_session(proto.SerializeToString()).run(None, {"x": x})[0]
     assert keep_float_convs_float(proto, {"conv"}) == 1
     clip = next(n for n in proto.graph.node if n.op_type == "Clip")
     init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert init[clip.input[1]] == pytest.approx(-0.1) and init[clip.input[2]] == pytest.approx(2.45)
-    assert np.array_equal(ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0], before)
+    assert np.array_equal(cpu_session(proto.SerializeToString()).run(None, {"x": x})[0], before)
 
 
 def test_percentile_calibration_clips_the_ranges_minmax_keeps(tiny, tmp_path: Path) -> None:
@@ -215,8 +215,8 @@ def test_fake_quant_graph_runs_the_int8_graph_in_torch(tiny_plain, tmp_path: Pat
     simulated = FakeQuantGraph(onnx.load(str(tmp_path / "all.onnx")), float_graph)
     with torch.no_grad():
         p_sim = simulated(torch.from_numpy(held_out))["probabilities"].numpy()
-    p_int8 = probabilities(ort.InferenceSession(str(tmp_path / "all.onnx")), held_out)
-    p_fp32 = probabilities(ort.InferenceSession(str(fp32)), held_out)
+    p_int8 = probabilities(cpu_session(tmp_path / "all.onnx"), held_out)
+    p_fp32 = probabilities(cpu_session(fp32), held_out)
     assert agreement(p_int8, p_sim) >= 0.98
     assert relative_error(p_int8, p_sim) < 0.1 * relative_error(p_fp32, p_int8)  # INT8's error, not another
     written = {i.name: numpy_helper.to_array(i) for i in simulated.write(float_graph).graph.initializer}
@@ -233,7 +233,7 @@ def test_fine_tuning_trains_what_onnxruntime_then_runs(tiny_plain, tmp_path: Pat
     rng = np.random.default_rng(1)  # more images of the fixture's kind: one colour each plus noise
     tuning = np.clip(rng.integers(0, 256, (2048, 1, 1, 3)) + rng.normal(0, 20, (2048, 8, 8, 3)), 0, 255)
     quantizer = Quantizer(fp32, calibration, tmp_path)
-    teacher = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    teacher = cpu_session(fp32)
     tuned, report = fine_tuned(quantizer, FineTune(tuning.astype(np.uint8), epochs=2, lr=1e-3), teacher)
     assert report.loss_after < 0.9 * report.loss_before, report
     assert report.record()["images"] == 2048 and report.steps == 2 * (2048 // 32)
@@ -245,8 +245,8 @@ def test_fine_tuning_trains_what_onnxruntime_then_runs(tiny_plain, tmp_path: Pat
     simulated = FakeQuantGraph(onnx.load(str(served)), onnx.load(str(tuned.corrected)))
     with torch.no_grad():
         p_sim = simulated(torch.from_numpy(held_out))["probabilities"].numpy()
-    p_served = probabilities(ort.InferenceSession(str(served)), held_out)
-    p_fp32 = probabilities(ort.InferenceSession(str(fp32)), held_out)
+    p_served = probabilities(cpu_session(served), held_out)
+    p_fp32 = probabilities(cpu_session(fp32), held_out)
     assert agreement(p_served, p_sim) >= 0.98
     assert relative_error(p_served, p_sim) < 0.1 * relative_error(p_fp32, p_served)
     # A Conv kept float takes its FP32 weights, not the fine-tuned ones (trained to absorb a rounding it skips);

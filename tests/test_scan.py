@@ -289,7 +289,8 @@ def test_scan_resumes_inside_a_stage_exactly(tmp_path: Path) -> None:
 def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
     """`deepclust export <run_dir>` serves `cluster_heads[head_index]` of the pipeline's final checkpoint."""
     from serving.core.contract import ModelCard
-    from training.export import export_checkpoint, run_onnx, session, uint8_images
+    from serving.core.engine import cpu_session
+    from training.export import export_checkpoint, run_onnx, uint8_images
     from training.run import train as run_scan_pipeline
     from training.trainer import load_checkpoint
 
@@ -315,7 +316,7 @@ def test_scan_run_exports_the_kept_head(tmp_path: Path) -> None:
     from training.data.datasets import create_dataset
 
     images = uint8_images(create_dataset("digits", "test"), 8, np.arange(16))
-    p_onnx, _ = run_onnx(session(tmp_path / "store" / "model.onnx"), images)
+    p_onnx, _ = run_onnx(cpu_session(tmp_path / "store" / "model.onnx"), images)
     with torch.no_grad():
         expected = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0].numpy()
     np.testing.assert_allclose(p_onnx, expected, atol=1e-4)

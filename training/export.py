@@ -35,6 +35,7 @@ from serving.core.contract import (
     encode_props,
     sha256_file,
 )
+from serving.core.engine import cpu_session
 from serving.core.preprocess import resize_for_model
 from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
@@ -117,12 +118,6 @@ def write_metadata(path: Path, values: dict[str, Any]) -> None:
     onnx.checker.check_model(str(path))
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(sess: ort.InferenceSession, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     probs, embs = [], []
     for start in range(0, len(images), batch):
@@ -151,7 +146,7 @@ def check_parity(model: ClusteringModel, onnx_path: Path, images: np.ndarray) ->
         chunk = torch.from_numpy(images[start : start + 64]).permute(0, 3, 1, 2).float() / 255.0
         eager.append(model(chunk)[0].numpy())
     p_eager = np.concatenate(eager)
-    p_onnx, _ = run_onnx(session(onnx_path), images)
+    p_onnx, _ = run_onnx(cpu_session(onnx_path), images)
     return Parity(
         n=len(images),
         max_abs_diff=float(np.abs(p_eager - p_onnx).max()),
@@ -410,7 +405,7 @@ def export_checkpoint(
         require_parity(parity, str(path))
         log.info(json.dumps({"event": "parity", **parity.__dict__}))
 
-        fp32_session = session(fp32)  # the graph, before its metadata is written: also the INT8 reference below
+        fp32_session = cpu_session(fp32)  # the graph, before its metadata is written: also the INT8 reference below
         p_fp32, _ = run_onnx(fp32_session, eval_images)
         metrics, class_names = _metrics_and_names(config, eval_set, eval_index, p_fp32)
         facts = _facts(config, path, metrics, class_names, _reference_stats(p_fp32, config.model.k))
@@ -444,7 +439,7 @@ def export_checkpoint(
                 reference=p_held_out,
                 fine_tune=None if fine_tune is None else FineTune(fine_tune, epochs=fine_tune_epochs),
             )
-            p_int8, _ = run_onnx(session(int8), eval_images)
+            p_int8, _ = run_onnx(cpu_session(int8), eval_images)
             int8_agreement = _agreement(p_fp32, p_int8)
             gate = partial(require_int8_gate, int8_agreement, len(eval_images), quantized.record)
             if _gated("int8", gate, "int8" in variants, refused) is not None:

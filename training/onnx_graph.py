@@ -8,13 +8,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from serving.core.engine import cpu_session
+
 
 def intermediate_session(proto: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
     """A session over a copy of `proto` that also outputs the named intermediate tensors."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return cpu_session(probe.SerializeToString())
 
 
 def fold_pad_amounts(proto: onnx.ModelProto, sample: np.ndarray) -> int:

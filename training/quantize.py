@@ -47,6 +47,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from serving.core.engine import cpu_session
 from training.onnx_graph import fold_pads, intermediate_session
 from training.qat import DistillReport, FakeQuantGraph, FineTune, distill
 
@@ -61,16 +62,6 @@ FLOAT_OP_TYPES = {"Gemm", "MatMul", "Softmax", "ArgMax"}
 # Single-node sensitivity runs: this many image-runs in all, split over the quantized nodes (each gets 32 to 256
 # held-out images), so a graph with two backbones costs about what one does.
 SENSITIVITY_BUDGET = 8192
-
-
-def _session(proto_or_path: onnx.ModelProto | Path | str, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def probabilities(sess: ort.InferenceSession, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -475,7 +466,7 @@ def sensitivities(
     probe = quantizer.workdir / "probe.onnx"
     for unit in quantizer.units:
         quantizer.build(probe, set(quantizer.units) - {unit})
-        scores[unit] = relative_error(reference, probabilities(_session(probe, threads), images))
+        scores[unit] = relative_error(reference, probabilities(cpu_session(probe, threads), images))
         log.info(json.dumps({"event": "int8_sensitivity", "node": unit, "score": scores[unit]}))
     return scores
 
@@ -539,7 +530,7 @@ def select_float_nodes(
     def measure(k: int) -> float:
         if k not in tried:
             quantizer.build(probe, set(ranking[:k]))
-            tried[k], images[k] = streamed_agreement(_session(probe, threads), held_out, reference, target)
+            tried[k], images[k] = streamed_agreement(cpu_session(probe, threads), held_out, reference, target)
             entry = {"float_nodes": k, "held_out_agreement": tried[k], "images": images[k]}
             log.info(json.dumps({"event": "int8_try", **entry}))
             if on_try:
@@ -628,11 +619,11 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as tmp:
         quantizer = Quantizer(Path(fp32_path), calibration, Path(tmp))
         if reference is None:
-            reference = probabilities(_session(fp32_path, threads), held_out)
+            reference = probabilities(cpu_session(fp32_path, threads), held_out)
         report = None
         if fine_tune is not None:
             try:
-                quantizer, report = fine_tuned(quantizer, fine_tune, _session(fp32_path, threads))
+                quantizer, report = fine_tuned(quantizer, fine_tune, cpu_session(fp32_path, threads))
             except NotImplementedError as error:  # an operator the simulation lacks: calibration alone, said so
                 log.warning(json.dumps({"event": "int8_fine_tune_skipped", "reason": str(error)}))
         selection = select_float_nodes(

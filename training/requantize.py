@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from serving.core.engine import cpu_session
 from training.export import (
     INT8_MIN_AGREEMENT,
     INT8_SELECTION_MARGIN,
@@ -30,13 +31,12 @@ from training.export import (
     int8_training_images,
     require_int8_gate,
     run_onnx,
-    session,
     uint8_images,
     write_metadata,
 )
 from training.onnx_graph import fold_pads
 from training.qat import FineTune
-from training.quantize import _session, agreement, probabilities, quantize_int8
+from training.quantize import agreement, probabilities, quantize_int8
 
 log = logging.getLogger("deepclust.quantize")
 
@@ -67,7 +67,7 @@ def refresh_graphs(folder: Path) -> dict[str, object]:
         # The export's draw: its first images are its parity images.
         index = evaluation_index(np.random.default_rng(0), len(eval_set))[:PARITY_IMAGES]
         images = uint8_images(eval_set, size, index)
-        before, after = run_onnx(session(fp32), images), run_onnx(session(folded), images)
+        before, after = run_onnx(cpu_session(fp32), images), run_onnx(cpu_session(folded), images)
         difference = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
         if difference > PARITY_MAX_ABS or not (before[0].argmax(1) == after[0].argmax(1)).all():
             raise ExportError(f"{fp32}: folding its pads changed its outputs (max |diff| {difference:.2e})")
@@ -116,7 +116,7 @@ def requantize(
     calibration, held_out, fine_tune = int8_training_images(
         train_set, size, rng, calibration_images, selection_images, fine_tune_images
     )
-    fp32_session = _session(fp32, threads)
+    fp32_session = cpu_session(fp32, threads)
     with tempfile.TemporaryDirectory() as tmp:
         int8 = Path(tmp) / "model.int8.onnx"
         result = quantize_int8(
@@ -131,7 +131,9 @@ def requantize(
             fine_tune=None if fine_tune is None else FineTune(fine_tune, epochs=fine_tune_epochs),
         )
         eval_images = uint8_images(eval_set, size, eval_index)
-        gate = agreement(probabilities(fp32_session, eval_images), probabilities(_session(int8, threads), eval_images))
+        gate = agreement(
+            probabilities(fp32_session, eval_images), probabilities(cpu_session(int8, threads), eval_images)
+        )
         require_int8_gate(gate, len(eval_images), result.record)
         write_metadata(int8, int8_metadata(props, gate, result.record))
         (folder / "model.int8.onnx").write_bytes(int8.read_bytes())

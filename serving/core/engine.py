@@ -69,6 +69,38 @@ def resolve_providers(preference: Sequence[str]) -> list[str]:
     return resolved
 
 
+EXACT_INT8 = ("session.x64quantprecision", "1")
+"""onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add pairs of products in
+int16 with saturation: there an INT8 graph computes something else than on a VNNI CPU and than its exact integer
+simulation (a QLinearConv of 64 channels at 255 x 127 gives half the exact value). This session setting makes them use
+onnxruntime's exact uint8 x uint8 kernels on those CPUs; it changes nothing on VNNI CPUs nor for float graphs. So the
+agreement an INT8 file's gate measured at export holds on every CPU. Every session of ours sets it (`session_options`):
+the engine's, the export's gates, the quantizer's trials, the benchmarks and the tests. What it costs on an AVX2 CPU:
+`benchmarks/int8_exact.py`."""
+
+
+def session_options(threads: int = 0, *, exact_int8: bool = True) -> ort.SessionOptions:
+    """Our CPU session settings: all graph optimisations, `threads` intra-op threads (0: onnxruntime's choice), one
+    inter-op thread, quiet, `EXACT_INT8` (off only to measure what it costs)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = max(0, int(threads))
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if exact_int8:
+        options.add_session_config_entry(*EXACT_INT8)
+    return options
+
+
+def cpu_session(model: str | Path | bytes, threads: int = 0, *, exact_int8: bool = True) -> ort.InferenceSession:
+    """A CPU session with the engine's arithmetic, for a model file or serialized bytes: whatever is compared with
+    what the engine serves (export gates, quantizer trials, benchmarks, tests) runs through this."""
+    source = model if isinstance(model, bytes) else str(model)
+    options = session_options(threads, exact_int8=exact_int8)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
 DEFAULT_PROVIDERS = ("cuda", "cpu")
 GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -173,14 +205,9 @@ class Engine:
     def _session_options(self, provider: str = "CPUExecutionProvider") -> ort.SessionOptions:
         """Session options; on a GPU provider the CPU threads only run a few fallback ops, so they never busy-wait
         (spinning would take the cores the handler's image decoding needs)."""
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = max(0, int(self.intra_op_threads))
-        options.inter_op_num_threads = 1
+        options = session_options(self.intra_op_threads)
         if not self.spin or provider in GPU_PROVIDERS:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
         return options
 
     def _open_session(self, candidates: list[str], asked: Sequence[str] = ()) -> tuple[ort.InferenceSession, str]:
