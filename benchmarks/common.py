@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,17 @@ def machine(gpu: str | None = None) -> str:
 
 def provenance() -> dict[str, str]:
     return {"commit": commit(), "machine": machine()}
+
+
+def run_facts(script: str, argv: list[str] | None, started: float) -> dict[str, Any]:
+    """What every row of a run records: commit and machine, the run's wall time (from `started`, a perf_counter) and
+    the command that reproduces it."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        **provenance(),
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "command": f"python benchmarks/{script} " + " ".join(args),
+    }
 
 
 def write_rows(name: str, rows: list[dict[str, Any]], *, merge_on: tuple[str, ...] | None = None) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+from benchmarks.common import print_table, run_facts, write_rows  # noqa: E402
 from benchmarks.engine import interleaved_throughput  # noqa: E402
 
 
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         "load_average_1m": round(os.getloadavg()[0], 2),
                     }
                 )
-    extra = {
-        **provenance(),
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "command": "python benchmarks/int8_exact.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    extra = run_facts("int8_exact.py", argv, started)
     rows = [{**row, **extra} for row in rows]
     print_table(rows, ["model", "variant", "batch", "images_per_s", "vs_fp32", "agreement_vs_fp32", "vnni"])
     write_rows("int8_exact", rows, merge_on=("machine", "model", "variant", "threads", "batch"))

@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+from benchmarks.common import print_table, run_facts, write_rows  # noqa: E402
 from benchmarks.engine import interleaved_throughput  # noqa: E402
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -126,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                             "load_average_1m": round(os.getloadavg()[0], 2),  # only ratios from one run compare
                         }
                     )
-    extra = {
-        **provenance(),
-        "openvino": openvino.__version__,
-        "seconds_total": round(time.perf_counter() - started, 1),
-        "command": "python benchmarks/int8_runtimes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    extra = {**run_facts("int8_runtimes.py", argv, started), "openvino": openvino.__version__}
     rows = [{**row, **extra} for row in rows]
     print_table(rows, ["runtime", "variant", "threads", "batch", "images_per_s", "vs_own_fp32", "agreement_vs_fp32"])
     write_rows("int8_runtimes", rows, merge_on=("model", "runtime", "variant", "threads", "batch"))
