@@ -64,7 +64,8 @@ DROPPED = {
     "authorization",
 }
 RELAYED = {"content-type", "x-request-id", "cache-control"}  # response headers passed back to the client
-WATCH_INTERVAL_S = 0.25  # how often the worker processes are listed
+WATCH_INTERVAL_S = 1.0  # how often the worker processes are listed (each listing reads /proc of every process)
+PROBE_RETRY_S = 0.25  # between probes while the replacement worker starts
 LOST_GRACE_S = 1.0  # after the probe's answer: the answers of the probe's own batch arrive within it
 PROBE_DEADLINE_S = 120.0  # probes are retried (a replacement worker loads the model first) for at most this long
 
@@ -145,7 +146,7 @@ class TorchServeBackend:
                 status = 0
             if status == 200:
                 break
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            await asyncio.sleep(PROBE_RETRY_S)
         await asyncio.sleep(LOST_GRACE_S)
         dropped = [f for f in caught if not f.done()]
         for future in dropped:
