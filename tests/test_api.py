@@ -748,8 +748,9 @@ def test_torchserve_logs_no_line_per_request_and_keeps_the_rest(service, session
 # ------------------------------------------------------------------------------- worker killed under load
 def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
     """4 closed-loop clients; SIGKILL the engine's worker process after 20 answers; go on until 3 s of clean answers
-    follow (at most 60 s). The backend restarts the worker by itself; requests caught by the fault fail with a
-    clear status (never hang), every later one succeeds."""
+    follow (at most 60 s). The backend restarts the worker by itself; requests caught by the fault fail with the
+    same clear status on both backends, 503 + `Retry-After` (never a hang; TorchServe's own 507 "Worker died." is
+    rewritten), every later one succeeds."""
     (victim,) = worker_processes(service)
     records: list[tuple[float, float, int]] = []
     lock, state = threading.Lock(), {"stop": False}
@@ -764,6 +765,8 @@ def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
                     status, body = client.post(images[i % len(images)], "application/octet-stream")
                     if status == 200 and not (isinstance(body, list) and "cluster" in body[0]):
                         status = -1
+                    if status == 503 and body["error"]["code"] != "unavailable":
+                        status = -2
                 except (OSError, http.client.HTTPException):
                     status = 0
                 with lock:
@@ -808,7 +811,7 @@ def test_killed_worker_is_replaced_and_the_service_recovers(service, images):
     replacement = worker_processes(service)
     assert len(replacement) == 1 and replacement[0].pid != victim.pid and not victim.is_running()
     assert first_ok - killed_at < 60 and len(failed) < 100
-    assert set(statuses) <= {0, 500, 502, 503, 504, 507}, f"unexpected statuses {statuses}"
+    assert set(statuses) <= {503}, f"unexpected statuses {statuses}"
     ping = requests.get(f"{service.config.base_url}/ping", headers=_auth(service), timeout=10)
     assert ping.status_code == 200
 

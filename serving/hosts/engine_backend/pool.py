@@ -31,6 +31,7 @@ from typing import Any
 
 from serving.hosts.engine_backend.protocol import Item, encode_job
 from serving.hosts.serve.front import FrontError
+from serving.hosts.serve.plumbing import RETRY_AFTER
 
 log = logging.getLogger("deepclust.engine_pool")
 
@@ -222,7 +223,8 @@ class EnginePool:
             try:
                 answer = await self._run(worker.call, message)
             except WorkerDied as exc:
-                _fail(batch, FrontError(503, "unavailable", f"the engine worker running this request died ({exc})"))
+                died = f"the engine worker running this request died ({exc}); it is restarted"
+                _fail(batch, FrontError(503, "unavailable", died, RETRY_AFTER))
                 return
             if "failed" in answer:
                 _fail(batch, FrontError(500, "server_error", f"the batch failed: {answer['failed']}"))

@@ -56,6 +56,11 @@ class BackendUnavailable(Exception):  # noqa: N818 - reads as a state
     """The backend cannot be reached (502)."""
 
 
+RETRY_AFTER = {"Retry-After": "1"}
+"""On the 503 for a request whose worker died (either backend): the worker is restarted unattended, and a prediction is
+safe to send again."""
+
+
 class RequestLost(Exception):  # noqa: N818 - reads as a state
     """The backend dropped this request without an answer (its worker died): 503 with `Retry-After`, since a
     prediction is safe to send again."""
@@ -248,7 +253,7 @@ async def call_backend(request: web.Request, work: Awaitable[Any]) -> Any:
     except BackendUnavailable as exc:
         raise FrontError(502, "backend_unavailable", str(exc)) from exc
     except RequestLost as exc:
-        raise FrontError(503, "unavailable", str(exc), {"Retry-After": "1"}) from exc
+        raise FrontError(503, "unavailable", str(exc), RETRY_AFTER) from exc
 
 
 def check_model(request: web.Request, name: str) -> None:

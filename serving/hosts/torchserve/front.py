@@ -19,12 +19,12 @@ error list, as the handler answers an unusable request.
 A worker that dies drops requests silently (TorchServe 0.12, `WorkerThread.run`): the jobs its thread had taken from the
 queue while it waited `maxBatchDelay` for a fuller batch are cleared without an answer, so their clients would wait for
 the front's `backend_timeout_s` (130 s by default) and get a 504. The jobs of a batch already sent to the worker get
-TorchServe's own "Worker died." (500, or 507 after a SIGKILL). So the backend watches the worker processes (`workers`,
-polled every `WATCH_INTERVAL_S`); when one disappears it sends a probe prediction, which TorchServe queues behind every
-request already forwarded. Once the probe is answered (by the replacement worker, or another one), every request
-forwarded before the death that is still unanswered `LOST_GRACE_S` later was dropped: it is answered 503 with
-`Retry-After`. With several workers, a long batch another worker was still computing after that grace is answered 503 as
-well: predictions are safe to send again, a 130 s wait is not.
+TorchServe's own "Worker died." (500, or 507 after a SIGKILL; rewritten to 503, see `rewrite_error`). So the backend
+watches the worker processes (`workers`, polled every `WATCH_INTERVAL_S`); when one disappears it sends a probe
+prediction, which TorchServe queues behind every request already forwarded. Once the probe is answered (by the
+replacement worker, or another one), every request forwarded before the death that is still unanswered `LOST_GRACE_S`
+later was dropped: it is answered 503 with `Retry-After`. With several workers, a long batch another worker was still
+computing after that grace is answered 503 as well: predictions are safe to send again, a 130 s wait is not.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numpy as np
 from aiohttp import web
 
 from serving.hosts.serve.front import BackendUnavailable, Item, error_response, warmup_image
-from serving.hosts.serve.plumbing import RequestLost
+from serving.hosts.serve.plumbing import RETRY_AFTER, RequestLost
 
 log = logging.getLogger("deepclust.front")
 
@@ -246,7 +246,9 @@ def png(pixels: np.ndarray) -> bytes:
 
 def rewrite_error(status: int, body: bytes) -> web.Response | None:
     """TorchServe's 400 `InvalidKeyException` → 401 JSON; 500 `ErrorDataDecoderException` → 400 with a one-item
-    error list; None for any other answer (relayed unchanged)."""
+    error list; "Worker died." (500, or 507 after a SIGKILL, which TorchServe takes for the out-of-memory killer) →
+    503 with `Retry-After`, as the engine backend answers the batch of a worker that died; None for any other answer
+    (relayed unchanged)."""
     if status == 400 and b'"InvalidKeyException"' in body:
         return error_response(
             401,
@@ -262,4 +264,7 @@ def rewrite_error(status: int, body: bytes) -> web.Response | None:
         message = "malformed multipart/form-data body" + (f" ({detail})" if detail else "")
         payload = json.dumps([{"error": {"code": "bad_request", "message": message}}]).encode()
         return web.Response(status=400, body=payload, content_type="application/json")
+    if status in (500, 507) and b'"Worker died."' in body:
+        died = "the TorchServe worker running this request died (TorchServe: 'Worker died.'); it is restarted"
+        return error_response(503, "unavailable", died, RETRY_AFTER)
     return None
