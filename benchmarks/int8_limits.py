@@ -35,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table, provenance, write_rows  # noqa: E402
+from training.defaults import CALIBRATION_IMAGES  # noqa: E402
 
 OUTPUTS = ["embedding", "probabilities"]
 
@@ -169,7 +170,7 @@ def ridge_map(x: np.ndarray, y: np.ndarray, weight: float) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0-lite2")
-    parser.add_argument("--calibration-images", type=int, default=512, help="MinMax (the export's count)")
+    parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, help="MinMax, as the export")
     parser.add_argument("--percentile-images", type=int, default=64)
     parser.add_argument("--fit-images", type=int, default=6000, help="training images the corrections are fit on")
     parser.add_argument("--test-images", type=int, default=4000)

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table, run_facts, write_rows  # noqa: E402
 from benchmarks.engine import interleaved_throughput  # noqa: E402
+from training.defaults import CALIBRATION_IMAGES  # noqa: E402
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "cifar10-lite0")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--calibration-images", type=int, default=512, help="MinMax (the export's count)")
+    parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, help="MinMax, as the export")
     parser.add_argument("--test-images", type=int, default=2000, help="agreement, and the images timed")
     parser.add_argument("--seconds", type=float, default=6.0, help="per variant and batch, split into the rounds")
     parser.add_argument("--rounds", type=int, default=3)

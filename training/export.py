@@ -40,6 +40,7 @@ from serving.core.preprocess import resize_for_model
 from serving.core.quality import evaluate_clustering
 from training.config import TrainConfig
 from training.data.datasets import ImageDataset, create_dataset
+from training.defaults import CALIBRATION_IMAGES, PARITY_IMAGES
 from training.models.heads import ClusteringModel
 from training.onnx_graph import fold_pads
 from training.qat import FineTune
@@ -50,7 +51,6 @@ T = TypeVar("T")
 
 OPSET = 17
 PARITY_MAX_ABS = 1e-4
-PARITY_IMAGES = 1000  # the first evaluation images of the draw (`evaluation_index`): parity and FP16 checks
 INT8_MIN_AGREEMENT = 0.99
 # The held-out choice of the float convolutions asks for this much more than the gate: 2,000 images estimate the
 # agreement to about +-0.002, and a choice that scored exactly 0.990 there measured 0.987 on the 10,000 test images.
@@ -374,7 +374,7 @@ def export_checkpoint(
     variants: tuple[str, ...] = ("int8",),
     optional_variants: tuple[str, ...] = (),
     parity_images: int = PARITY_IMAGES,
-    calibration_images: int = 512,
+    calibration_images: int = CALIBRATION_IMAGES,
     selection_images: int = 2000,
     eval_limit: int | None = None,
     rebuild_command: str | None = None,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from training.defaults import FINE_TUNE_EPOCHS
+
 log = logging.getLogger("deepclust.quantize")
 
 INT8_WEIGHT_MAX = 127  # onnxruntime's symmetric int8 weights use [-127, 127]
@@ -278,7 +280,7 @@ class FineTune:
     smoothly (benchmarks/int8_fine_tune.py)."""
 
     images: np.ndarray
-    epochs: int = 4
+    epochs: int = FINE_TUNE_EPOCHS
     lr: float = 5e-6
     batch: int = 32
     seed: int = 0

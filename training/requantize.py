@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 
 from serving.core.engine import cpu_session
+from training.defaults import CALIBRATION_IMAGES, PARITY_IMAGES
 from training.export import (
     INT8_MIN_AGREEMENT,
     INT8_SELECTION_MARGIN,
-    PARITY_IMAGES,
     PARITY_MAX_ABS,
     ExportError,
     build_fp16,
@@ -93,7 +93,7 @@ def requantize(
     folder: Path,
     *,
     train_split: str = "train",
-    calibration_images: int = 512,
+    calibration_images: int = CALIBRATION_IMAGES,
     selection_images: int = 2000,
     sensitivity_images: int | None = None,
     eval_limit: int | None = None,
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Re-quantize store models' INT8 files from their FP32 files.")
     parser.add_argument("folders", type=Path, nargs="+", help="model_store/<name> folders")
     parser.add_argument("--train-split", default="train")
-    parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
     parser.add_argument("--selection-images", type=int, default=2000)
     parser.add_argument("--sensitivity-images", type=int, help="default: SENSITIVITY_BUDGET split over the nodes")
     parser.add_argument("--eval-limit", type=int, help="gate on this many evaluation images (default: all)")

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from training.defaults import CALIBRATION_IMAGES, FINE_TUNE_EPOCHS, PARITY_IMAGES
+
 
 def command(
     checkpoint: Annotated[Path, typer.Argument(help="run directory or checkpoint file (.pt)")],
@@ -36,8 +38,12 @@ def command(
             show_default=False,
         ),
     ] = None,
-    parity_images: Annotated[int, typer.Option(min=1, help="evaluation images for the torch/ONNX parity check")] = 1000,
-    calibration_images: Annotated[int, typer.Option(min=1, help="training images for INT8 calibration")] = 512,
+    parity_images: Annotated[int, typer.Option(min=1, help="evaluation images for the torch/ONNX parity check")] = (
+        PARITY_IMAGES
+    ),
+    calibration_images: Annotated[int, typer.Option(min=1, help="training images for INT8 calibration")] = (
+        CALIBRATION_IMAGES
+    ),
     int8_fine_tune_images: Annotated[
         int,
         typer.Option(
@@ -46,7 +52,7 @@ def command(
             "only); more of the graph then runs in int8 at the same agreement gate",
         ),
     ] = 0,
-    int8_fine_tune_epochs: Annotated[int, typer.Option(min=1, help="epochs of that fine-tuning")] = 4,
+    int8_fine_tune_epochs: Annotated[int, typer.Option(min=1, help="epochs of that fine-tuning")] = FINE_TUNE_EPOCHS,
     rebuild_command: Annotated[
         str | None, typer.Option(help="command recorded in model.json to rebuild this model (default: this export)")
     ] = None,
