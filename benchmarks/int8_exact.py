@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table, run_facts, write_rows  # noqa: E402
 from benchmarks.engine import interleaved_throughput  # noqa: E402
+from benchmarks.int8_runtimes import clusters, onnxruntime_runner  # noqa: E402
 
 
 def has_vnni() -> bool:
@@ -35,10 +36,6 @@ def has_vnni() -> bool:
     except (OSError, StopIteration):
         return False
     return bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
-
-
-def cluster_ids(session):  # noqa: ANN001, ANN201 - an onnxruntime session -> its predict function
-    return lambda images: session.run(["cluster"], {"images": images})[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from serving.core.engine import cpu_session
     from training.data.datasets import create_dataset
     from training.export import uint8_images
     from training.requantize import store_facts
@@ -64,16 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         test = create_dataset(metrics["dataset"], metrics["split"])
         rng = np.random.default_rng(0)
         images = uint8_images(test, size, np.sort(rng.choice(len(test), args.test_images, replace=False)))
-        sessions = {
-            "fp32": cpu_session(model / "model.onnx", args.threads),
-            "int8": cpu_session(model / "model.int8.onnx", args.threads),
-            "int8-saturating": cpu_session(model / "model.int8.onnx", args.threads, exact_int8=False),
+        runners = {
+            "fp32": onnxruntime_runner(model / "model.onnx", args.threads),
+            "int8": onnxruntime_runner(model / "model.int8.onnx", args.threads),
+            "int8-saturating": onnxruntime_runner(model / "model.int8.onnx", args.threads, exact_int8=False),
         }
-        runners = {name: cluster_ids(session) for name, session in sessions.items()}
-        clusters = {
-            name: np.concatenate([run(images[i : i + 64]) for i in range(0, len(images), 64)])
-            for name, run in runners.items()
-        }
+        ids = {name: clusters(run, images) for name, run in runners.items()}
         for batch in args.batches:
             rates = interleaved_throughput(runners, images, batch, args.seconds, args.rounds)
             for variant, rate in rates.items():
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": batch,
                         "images_per_s": round(rate, 1),
                         "vs_fp32": round(rate / rates["fp32"], 2),
-                        "agreement_vs_fp32": round(float((clusters[variant] == clusters["fp32"]).mean()), 4),
+                        "agreement_vs_fp32": round(float((ids[variant] == ids["fp32"]).mean()), 4),
                         "test_images": args.test_images,
                         "vnni": vnni,
                         "load_average_1m": round(os.getloadavg()[0], 2),

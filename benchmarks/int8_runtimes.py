@@ -37,11 +37,12 @@ from training.defaults import CALIBRATION_IMAGES  # noqa: E402
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def onnxruntime_runner(path: Path, threads: int) -> Predict:
-    """The cluster ids from an onnxruntime CPU session (all graph optimisations, `threads` intra-op threads)."""
+def onnxruntime_runner(path: Path, threads: int, exact_int8: bool = True) -> Predict:
+    """The cluster ids from an onnxruntime CPU session as the engine opens it (`serving.core.engine.cpu_session`,
+    `threads` intra-op threads; `exact_int8=False` only to measure what exact INT8 kernels cost)."""
     from serving.core.engine import cpu_session
 
-    session = cpu_session(path, threads)
+    session = cpu_session(path, threads, exact_int8=exact_int8)
     return lambda images: session.run(["cluster"], {"images": images})[0]
 
 

@@ -70,11 +70,8 @@ def server_processes(host) -> list[psutil.Process]:
 
 
 def worker_processes(host) -> list[psutil.Process]:
-    """The processes that run the engine (one per worker)."""
-    if host.config.backend == "engine":
-        return [psutil.Process(pid) for pid in host.worker_pids()]
-    jvm = psutil.Process(host.process.pid)
-    return [p for p in jvm.children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())]
+    """The processes that run the engine (one per worker), as the host lists them."""
+    return [psutil.Process(pid) for pid in host.worker_pids()]
 
 
 @contextlib.contextmanager
